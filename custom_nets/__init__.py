@@ -1,0 +1,29 @@
+"""KeyMorph for MONAI: keypoint detectors, the centre-of-mass layer, closed-form fits and the registration module.
+
+Coordinate convention: see :mod:`custom_nets.geometry`.
+"""
+
+from .detectors import ConvNetDetector, TruncatedUNetDetector
+from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_affine, fit_rigid, fit_tps, fit_transform
+from .geometry import resample
+from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput
+from .keypoints import CenterOfMass, power_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CenterOfMass",
+    "ConvNetDetector",
+    "DegenerateKeypointsError",
+    "KeyMorph",
+    "KeyMorphOutput",
+    "TRANSFORM_TYPES",
+    "ThinPlateSpline",
+    "TruncatedUNetDetector",
+    "fit_affine",
+    "fit_rigid",
+    "fit_tps",
+    "fit_transform",
+    "power_weights",
+    "resample",
+]
