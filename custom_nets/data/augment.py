@@ -1,0 +1,150 @@
+"""Random affine misalignment of the moving image (KeyMorph's augmentation), with its ground truth in world mm."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+
+from ..geometry import resample
+
+__all__ = ["random_affine_matrix", "rotation_matrix", "RandAffineMovingd"]
+
+
+def rotation_matrix(axis: Sequence[float], angle_deg: float) -> np.ndarray:
+    """3 x 3 rotation by ``angle_deg`` degrees about ``axis`` (right-handed, Rodrigues)."""
+    a = np.asarray(axis, dtype=np.float64)
+    a = a / np.linalg.norm(a)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = math.radians(angle_deg)
+    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * k @ k
+
+
+def _euler(angles_deg: Sequence[float]) -> np.ndarray:
+    rx, ry, rz = (rotation_matrix(ax, ang) for ax, ang in zip(np.eye(3), angles_deg))
+    return rz @ ry @ rx
+
+
+def random_affine_matrix(
+    rng: np.random.Generator,
+    rotate_deg: float = 180.0,
+    scale: float = 0.2,
+    shear: float = 0.1,
+    translate_mm: Sequence[float] | float = 0.0,
+    rotation_angle_deg: float | None = None,
+    centre: Sequence[float] = (0.0, 0.0, 0.0),
+) -> np.ndarray:
+    """A random 4 x 4 world affine ``C T Sh S R C^-1`` about ``centre`` (mm).
+
+    ``R``: Euler rotations ``Rz Ry Rx`` with each angle ``U(-rotate_deg, rotate_deg)`` (KeyMorph's recipe) or, if
+    ``rotation_angle_deg`` is given, a rotation by exactly that angle about a uniformly random axis (for evaluation by
+    angle). ``S``: per-axis scale ``U(1 - scale, 1 + scale)``; ``Sh``: upper-triangular shear ``U(-shear, shear)``;
+    ``T``: translation ``U(-translate_mm, translate_mm)`` per axis.
+    """
+    if rotation_angle_deg is None:
+        rot = _euler(rng.uniform(-rotate_deg, rotate_deg, size=3))
+    else:
+        rot = rotation_matrix(rng.normal(size=3), rotation_angle_deg)
+    s = np.diag(rng.uniform(1 - scale, 1 + scale, size=3))
+    sh = np.eye(3)
+    sh[0, 1], sh[0, 2], sh[1, 2] = rng.uniform(-shear, shear, size=3)
+    lin = sh @ s @ rot
+    c = np.asarray(centre, dtype=np.float64)
+    out = np.eye(4)
+    out[:3, :3] = lin
+    out[:3, 3] = rng.uniform(-1, 1, size=3) * np.broadcast_to(np.asarray(translate_mm, dtype=np.float64), (3,))
+    out[:3, 3] += c - lin @ c
+    return out
+
+
+class RandAffineMovingd(Randomizable, MapTransform):
+    """Misalign the moving image (and its labels) by a random affine; compose it into the pair's ground truth.
+
+    The moving content is pushed forward by a random world affine ``A`` about the centre of its grid (the voxel data
+    is resampled, the header is unchanged), so the pair's ``fixed_to_moving`` ground truth becomes ``A @ old``.
+    Ranges follow KeyMorph (rotation up to 180 degrees about each axis, scale 20 %, shear 0.1, translation 20 % of half
+    the field of view) and are multiplied by :attr:`ramp` (0..1) so they can be ramped in over training.
+
+    If the data dictionary holds an integer ``"seed"``, the draw is a function of it (reproducible, independent of the
+    order items are loaded in); otherwise it comes from the transform's random state.
+
+    Args:
+        keys: moving image keys to resample together (e.g. ``("moving_image", "moving_label")``).
+        mode: interpolation per key (``"bilinear"`` / ``"nearest"``).
+        transform_key: key of the ``(4, 4)`` ``fixed_to_moving`` ground truth (identity if absent).
+        rotate_deg: maximum Euler angle per axis (degrees).
+        scale, shear: maximum relative scale change and shear.
+        translate: maximum translation as a fraction of half the field of view per axis.
+        rotation_angle_deg: if set, rotate by exactly this angle about a random axis instead of Euler angles.
+        ramp: multiplier of every range (and of ``rotation_angle_deg``), 0..1.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("moving_image", "moving_label"),
+        mode: Sequence[str] | str = ("bilinear", "nearest"),
+        transform_key: str = "fixed_to_moving",
+        rotate_deg: float = 180.0,
+        scale: float = 0.2,
+        shear: float = 0.1,
+        translate: float = 0.2,
+        rotation_angle_deg: float | None = None,
+        ramp: float = 1.0,
+        allow_missing_keys: bool = True,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"expected one mode per key {self.keys}, got {modes}.")
+        self.mode = dict(zip(self.keys, modes))
+        self.transform_key = transform_key
+        self.rotate_deg, self.scale, self.shear, self.translate = rotate_deg, scale, shear, translate
+        self.rotation_angle_deg = rotation_angle_deg
+        self.ramp = float(ramp)
+        self._matrix: np.ndarray | None = None
+
+    def set_ramp(self, ramp: float) -> None:
+        """Set the range multiplier (clipped to [0, 1])."""
+        self.ramp = float(min(max(ramp, 0.0), 1.0))
+
+    def randomize(self, data: tuple[Sequence[int], np.ndarray, int | None] | None = None) -> None:
+        shape, affine, seed = data if data is not None else ((1, 1, 1), np.eye(4), None)
+        rng = (
+            np.random.default_rng([int(seed), 3]) if seed is not None else np.random.default_rng(self.R.randint(2**31))
+        )
+        size = np.asarray(shape, dtype=np.float64)
+        centre = affine[:3, :3] @ ((size - 1) / 2) + affine[:3, 3]
+        half_fov = np.abs(affine[:3, :3]) @ size / 2
+        r = self.ramp
+        angle = None if self.rotation_angle_deg is None else self.rotation_angle_deg * r
+        self._matrix = random_affine_matrix(
+            rng, self.rotate_deg * r, self.scale * r, self.shear * r, self.translate * r * half_fov, angle, centre
+        )
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        first = next(self.key_iterator(d), None)
+        if first is None:
+            return d
+        ref = d[first]
+        affine = np.asarray(ref.affine if isinstance(ref, MetaTensor) else np.eye(4), dtype=np.float64)
+        seed = d.get("seed")
+        self.randomize((ref.shape[1:], affine, None if seed is None else int(seed)))
+        matrix = torch.from_numpy(self._matrix)
+        pullback = torch.linalg.inv(matrix)
+        for key in self.key_iterator(d):
+            img = d[key]
+            a = torch.as_tensor(np.asarray(img.affine, dtype=np.float64)) if isinstance(img, MetaTensor) else None
+            plain = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            warped = resample(plain.unsqueeze(0).float(), pullback, plain.shape[1:], a, a, mode=self.mode[key])[0].to(
+                plain.dtype
+            )
+            d[key] = MetaTensor(warped, meta=img.meta) if isinstance(img, MetaTensor) else warped
+        old = torch.as_tensor(d.get(self.transform_key, torch.eye(4, dtype=torch.float64)), dtype=torch.float64)
+        d[self.transform_key] = matrix @ old
+        return d

@@ -1,0 +1,300 @@
+"""Data: synthetic pairs, augmentation ground truth, preprocessing round trips, loaders and their errors."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import grid_affine
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from custom_nets.data import (
+    BrainSynthesizer,
+    LoadVolumed,
+    RandAffineMovingd,
+    SyntheticPairDataset,
+    SynthPaird,
+    load_datalist,
+    load_pair_list,
+    preprocessing_transforms,
+    sample_pairs,
+    save_nifti,
+    scan_ixi_folder,
+    write_demo_data,
+)
+from custom_nets.geometry import resample, voxel_grid
+
+SMALL = {"spatial_size": 40, "pixdim": 6.4}  # the 256 mm cube at 6.4 mm: tiny and fast
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return BrainSynthesizer(**SMALL)
+
+
+def _centroids(label: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """World centroid (mm) of tissue labels 1..3 of a (1, I, J, K) label map."""
+    vox = voxel_grid(label.shape[1:], dtype=torch.float64)
+    out = []
+    for c in (1, 2, 3):
+        v = vox[label[0] == c].mean(0)
+        out.append(affine[:3, :3] @ v + affine[:3, 3])
+    return torch.stack(out)
+
+
+def _label_fit(image: torch.Tensor, label: torch.Tensor) -> float:
+    """R^2 of the image explained by its label map (per-label means): high only if image and labels are aligned."""
+    img, lab = image.flatten().double(), label.flatten().long()
+    means = torch.zeros(4, dtype=torch.float64).index_add_(0, lab, img) / torch.bincount(lab, minlength=4).clamp_min(1)
+    return float(1 - ((img - means[lab]) ** 2).sum() / ((img - img.mean()) ** 2).sum())
+
+
+def test_synthetic_pair_is_deterministic_under_its_seed(synth):
+    make = SynthPaird(synth, contrasts=("t1", "t2", "pd", "random"))
+    a, b, c = make({"seed": 5}), make({"seed": 5}), make({"seed": 6})
+    for key in ("fixed_image", "moving_image", "fixed_label", "moving_label"):
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["fixed_image"], c["fixed_image"])
+    # training items (no seed) are reproducible through the transform's random state
+    make.set_random_state(3)
+    first = make({})
+    make.set_random_state(3)
+    assert torch.equal(first["moving_image"], make({})["moving_image"])
+    aug = RandAffineMovingd()
+    assert torch.equal(aug(dict(a))["fixed_to_moving"], aug(dict(b))["fixed_to_moving"])
+
+
+def test_dataset_items_are_the_same_wherever_they_are_loaded(synth):
+    kw = {"pair": {"synthesizer": SMALL}, "augment": {}}
+    ds1, ds2 = SyntheticPairDataset(4, seed=1, **kw), SyntheticPairDataset(4, seed=1, **kw)
+    assert torch.equal(ds1[2]["moving_image"], ds2[2]["moving_image"])
+    assert torch.equal(ds1[3]["fixed_to_moving"], ds2[3]["fixed_to_moving"])
+    assert not torch.equal(ds1[2]["fixed_to_moving"], ds1[3]["fixed_to_moving"])
+
+
+def test_images_and_labels_stay_aligned(synth):
+    make = SynthPaird(synth, contrasts=("t1", "t2", "pd", "random"), cross_contrast_prob=1.0)
+    aug = RandAffineMovingd()
+    for seed in range(3):
+        d = aug(make({"seed": seed}))
+        for side in ("fixed", "moving"):
+            img, lab = d[f"{side}_image"], d[f"{side}_label"]
+            assert img.shape == lab.shape == (1, 40, 40, 40)
+            assert torch.equal(img.affine, lab.affine)
+            fit = _label_fit(img, lab)
+            assert fit > 0.8, (side, seed, fit)
+            assert _label_fit(img, torch.roll(lab, 2, dims=1)) < fit - 0.2  # misaligned labels would show
+    t1 = make({"seed": 0})
+    if t1["fixed_contrast"] == "t1":  # preset ordering: WM > GM > CSF on T1
+        img, lab = t1["fixed_image"], t1["fixed_label"]
+        m = [img[lab == c].mean() for c in (1, 2, 3)]
+        assert m[0] < m[1] < m[2]
+
+
+def test_ground_truth_carries_label_centroids(synth):
+    same = SynthPaird(synth, same_subject_prob=1.0, cross_contrast_prob=1.0)
+    aug = RandAffineMovingd(rotation_angle_deg=150.0)  # large rotation about a random axis, scale, shear, shift
+    d = aug(same({"seed": 11}))
+    gt = d["fixed_to_moving"]
+    assert not torch.allclose(gt, torch.eye(4, dtype=torch.float64), atol=0.5)
+    cf = _centroids(d["fixed_label"], d["fixed_label"].affine)
+    cm = _centroids(d["moving_label"], d["moving_label"].affine)
+    mapped = cf @ gt[:3, :3].T + gt[:3, 3]
+    assert (mapped - cm).norm(dim=1).max() < 3.2  # half a 6.4 mm voxel
+    assert (cf - cm).norm(dim=1).max() > 10  # without the ground truth they are far apart
+    other = SynthPaird(synth, same_subject_prob=0.0)({"seed": 12})  # different anatomy: template alignment
+    assert other["fixed_subject"] != other["moving_subject"]
+    diff = _centroids(other["fixed_label"], other["fixed_label"].affine) - _centroids(
+        other["moving_label"], other["moving_label"].affine
+    )
+    assert diff.norm(dim=1).max() < 6.0
+
+
+def test_augmentation_ranges_and_ramp(synth):
+    d = SynthPaird(synth)({"seed": 1})
+    aug = RandAffineMovingd(ramp=0.0)
+    assert torch.allclose(aug(dict(d))["fixed_to_moving"], torch.eye(4, dtype=torch.float64))
+    assert torch.allclose(aug(dict(d))["moving_image"], d["moving_image"], atol=1e-5)
+    aug.set_ramp(1.0)
+    angles = []
+    for seed in range(40):
+        m = aug(dict(d, seed=seed))["fixed_to_moving"][:3, :3]
+        angles.append(
+            float(torch.rad2deg(torch.arccos(((torch.trace(m / torch.det(m) ** (1 / 3)) - 1) / 2).clamp(-1, 1))))
+        )
+    assert max(angles) > 120  # full-range rotations occur
+
+
+def _write(path, data, affine):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine)), str(path))
+    return str(path)
+
+
+def _blob(shape, affine, centre_mm, sigma_mm=15.0):
+    world = voxel_grid(shape, dtype=torch.float64) @ affine[:3, :3].T + affine[:3, 3]
+    return torch.exp(-((world - torch.tensor(centre_mm, dtype=torch.float64)) ** 2).sum(-1) / (2 * sigma_mm**2))
+
+
+def _intensity_centroid(x, affine):
+    world = voxel_grid(x.shape, dtype=torch.float64) @ affine[:3, :3].T + affine[:3, 3]
+    return (world * x.double()[..., None]).sum((0, 1, 2)) / x.double().sum()
+
+
+PREPROCESS_CASES = {
+    "lps": (torch.diag(torch.tensor([-4.0, -4.0, 4.0, 1.0], dtype=torch.float64)), (64, 64, 40)),
+    "aniso": (torch.diag(torch.tensor([2.5, 3.0, 6.0, 1.0], dtype=torch.float64)), (64, 64, 40)),
+    "oblique": (grid_affine((3.0, 3.5, 5.0), torch.Generator().manual_seed(4), origin=(0, 0, 0)), (60, 56, 44)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREPROCESS_CASES))
+def test_preprocessing_round_trips_lps_anisotropic_oblique(tmp_path, synth, case):
+    a, shape = PREPROCESS_CASES[case]
+    a = a.clone()
+    half = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
+    a[:3, 3] = torch.tensor([0.0, -17.0, 5.0], dtype=torch.float64) - a[:3, :3] @ half  # brain centre in the middle
+    prep = Compose(preprocessing_transforms(("fixed_image",), ("fixed_label",), pixdim=4.0, spatial_size=64))
+    # 1. a smooth blob: its world centroid survives orientation, spacing, crop and pad to 0.05 mm
+    blob = _blob(shape, a, (10.0, -20.0, 30.0))
+    out = prep({"fixed_image": _write(tmp_path / "blob.nii.gz", blob, a)})["fixed_image"]
+    assert out.shape == (1, 64, 64, 64) and float(out.max()) == pytest.approx(1.0)
+    assert torch.allclose(out.affine[:3, :3].norm(dim=0), torch.full((3,), 4.0, dtype=torch.float64), atol=1e-6)
+    err = (_intensity_centroid(out[0].as_tensor(), out.affine) - torch.tensor([10.0, -20.0, 30.0])).norm()
+    assert err < 0.05, float(err)
+    # 2. a brain with labels: resampling the preprocessed labels back onto the original grid reproduces them
+    d = SynthPaird(synth, same_subject_prob=1.0)({"seed": 3})
+    img, lab = d["fixed_image"], d["fixed_label"]
+    src = resample(img[None].as_tensor(), torch.eye(4), shape, a, img.affine)[0, 0]
+    src_lab = resample(lab[None].as_tensor(), torch.eye(4), shape, a, lab.affine, mode="nearest")[0, 0]
+    out = prep(
+        {
+            "fixed_image": _write(tmp_path / "img.nii.gz", src, a),
+            "fixed_label": _write(tmp_path / "lab.nii.gz", src_lab, a),
+        }
+    )
+    pl = out["fixed_label"]
+    assert torch.equal(pl.affine, out["fixed_image"].affine)
+    back = resample(pl[None].as_tensor().float(), torch.eye(4), shape, a, pl.affine, mode="nearest")[0, 0]
+    inside = src_lab > 0
+    assert (back[inside] == src_lab[inside]).float().mean() > 0.85
+
+
+def test_load_volume_errors_name_the_file(tmp_path):
+    load = LoadVolumed("img")
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        load({"img": str(tmp_path / "missing.nii.gz")})
+    good = _write(tmp_path / "good.nii.gz", np.random.rand(8, 9, 10), np.eye(4))
+    raw = gzip.open(good).read()
+    (tmp_path / "trunc.nii.gz").write_bytes(gzip.compress(raw[: len(raw) // 3]))
+    (tmp_path / "junk.nii.gz").write_bytes(b"this is not an image")
+    (tmp_path / "text.nii").write_text("not an image either")
+    for name in ("trunc.nii.gz", "junk.nii.gz", "text.nii"):
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            load({"img": str(tmp_path / name)})
+    _write(tmp_path / "flat.nii.gz", np.random.rand(30, 40), np.eye(4))
+    _write(tmp_path / "series.nii.gz", np.random.rand(8, 8, 8, 3), np.eye(4))
+    nan = np.random.rand(8, 8, 8)
+    nan[2, 3, 4] = np.nan
+    _write(tmp_path / "nan.nii.gz", nan, np.eye(4))
+    with pytest.raises(ValueError, match=r"flat\.nii\.gz: expected a .*3D volume"):
+        load({"img": str(tmp_path / "flat.nii.gz")})
+    with pytest.raises(ValueError, match=r"series\.nii\.gz: expected a single-channel 3D volume, got 3 channel"):
+        load({"img": str(tmp_path / "series.nii.gz")})
+    with pytest.raises(ValueError, match=r"nan\.nii\.gz: contains NaN"):
+        load({"img": str(tmp_path / "nan.nii.gz")})
+    assert isinstance(load({"img": good})["img"], MetaTensor)
+
+
+def test_ixi_folder_and_pair_sampling(tmp_path):
+    for subj in ("IXI002-Guys-0828", "IXI012-HH-1211"):
+        for mod in ("T1", "T2", "PD", "MRA"):
+            _write(tmp_path / f"{subj}-{mod}.nii.gz", np.random.rand(4, 4, 4), np.eye(4))
+    _write(tmp_path / "IXI002-Guys-0828-T1_label.nii.gz", np.zeros((4, 4, 4)), np.eye(4))
+    recs = scan_ixi_folder(tmp_path)
+    assert len(recs) == 6 and {r["modality"] for r in recs} == {"t1", "t2", "pd"}
+    assert sum("label" in r for r in recs) == 1
+    pairs = sample_pairs(recs, 50, same_subject_prob=1.0, cross_contrast_prob=1.0, seed=0)
+    assert all(p["fixed_subject"] == p["moving_subject"] and p["fixed_modality"] != p["moving_modality"] for p in pairs)
+    pairs = sample_pairs(recs, 50, same_subject_prob=0.0, cross_contrast_prob=0.0, seed=0)
+    assert all(p["fixed_subject"] != p["moving_subject"] and p["fixed_modality"] == p["moving_modality"] for p in pairs)
+    assert sample_pairs(recs, 5, seed=3) == sample_pairs(recs, 5, seed=3)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        scan_ixi_folder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no IXI-style"):
+        scan_ixi_folder(tmp_path / "empty")
+
+
+def test_datalist_errors(tmp_path):
+    img = _write(tmp_path / "a.nii.gz", np.random.rand(4, 4, 4), np.eye(4))
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "modality": "T2"}]}))
+    recs = load_datalist(tmp_path / "list.json", "training")
+    assert recs[0]["image"] == img and recs[0]["modality"] == "t2"
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.nii.gz"}, {"image": "gone.nii.gz"}]))
+    with pytest.raises(FileNotFoundError, match=r"gone\.nii\.gz.*entry 1"):
+        load_datalist(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.json: not a valid JSON"):
+        load_datalist(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        load_datalist(tmp_path / "list.json", "test")
+
+
+def test_demo_set_via_cli_and_its_ground_truth(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "custom_nets",
+        "demo_data",
+        "--out_dir",
+        str(out),
+        "--num_subjects",
+        "3",
+        "--pixdim",
+        "6.4",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    datalist = out / "datalist.json"
+    assert res.stdout.strip().endswith(str(datalist))
+    recs = load_datalist(datalist)
+    assert len(recs) == 9 and {r["modality"] for r in recs} == {"t1", "t2", "pd"}
+    assert {r["subject"] for r in load_datalist(datalist, "test")}.isdisjoint(
+        r["subject"] for r in load_datalist(datalist, "training")
+    )
+    pairs = load_pair_list(datalist)
+    assert [p["rotation_deg"] for p in pairs] == [0, 45, 90, 135, 180]
+    for p in pairs:  # the ground truth maps the fixed tissue centroids onto the moving ones (different subjects)
+        f, m = nib.load(p["fixed_label"]), nib.load(p["moving_label"])
+        cf = _centroids(torch.tensor(f.get_fdata())[None], torch.tensor(f.affine))
+        cm = _centroids(torch.tensor(m.get_fdata())[None], torch.tensor(m.affine))
+        gt = torch.tensor(p["fixed_to_moving_ras"], dtype=torch.float64)
+        assert ((cf @ gt[:3, :3].T + gt[:3, 3]) - cm).norm(dim=1).max() < 8.0, p["rotation_deg"]
+    again = write_demo_data(tmp_path / "again", num_subjects=3, pixdim=6.4, progress=False)
+    assert np.array_equal(
+        nib.load(str(again.parent / "sub-00_T1.nii.gz")).get_fdata(),
+        nib.load(str(out / "sub-00_T1.nii.gz")).get_fdata(),
+    )
+
+
+def test_save_nifti_is_atomic(tmp_path, monkeypatch):
+    path = save_nifti(np.zeros((3, 3, 3)), np.eye(4), tmp_path / "x.nii.gz")
+    assert path.is_file() and not list(tmp_path.glob(".tmp-*"))
+
+    def crash(img, filename):
+        with open(filename, "wb") as f:
+            f.write(b"half an image")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_nifti(np.ones((3, 3, 3)), np.eye(4), tmp_path / "x.nii.gz")
+    assert not list(tmp_path.glob(".tmp-*"))
+    monkeypatch.undo()
+    assert np.array_equal(nib.load(str(path)).get_fdata(), np.zeros((3, 3, 3)))  # the old file is intact
