@@ -2,6 +2,7 @@
 
 Commands:
     demo_data   write the built-in demo set (synthetic brains, three contrasts, labels, datalist.json).
+    score       compare inference results with the ground truth of a pair list (e.g. the demo test pairs).
 """
 
 from __future__ import annotations
@@ -34,8 +35,20 @@ def demo_data(
     )
 
 
+def score(results: str = "demo_out", datalist: str = "demo_data/datalist.json") -> None:
+    """Print, per pair, the error (mm) of RESULTS/<moving>.json against the ground truth in DATALIST.
+
+    Args:
+        results: folder of inference outputs (``<moving stem>.json``).
+        datalist: JSON with a ``test_pairs`` list carrying ``fixed_to_moving_ras``.
+    """
+    from .scoring import format_scores, score_results
+
+    print(format_scores(score_results(results, datalist)))
+
+
 def main() -> None:
-    fire.Fire({"demo_data": demo_data})
+    fire.Fire({"demo_data": demo_data, "score": score})
 
 
 if __name__ == "__main__":

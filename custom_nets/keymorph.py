@@ -31,6 +31,7 @@ class KeyMorphOutput:
         weights: ``(B, K)`` keypoint weights used by the fit (0 for a keypoint whose heatmap is empty).
         transform_type: ``"rigid"``, ``"affine"`` or ``"tps"``.
         tps_lambda: smoothing used for ``tps`` (``None`` otherwise).
+        keypoints_moving_alt: ``(B, K, 3)`` keypoints of ``moving_alt`` when one was given (keypoint consistency).
     """
 
     warped: torch.Tensor
@@ -41,6 +42,7 @@ class KeyMorphOutput:
     weights: torch.Tensor
     transform_type: str
     tps_lambda: float | None = None
+    keypoints_moving_alt: torch.Tensor | None = None
 
 
 def _check_content(image: torch.Tensor, name: str) -> None:
@@ -66,6 +68,11 @@ class KeyMorph(nn.Module):
     transform ``T`` with ``T(p_F) ~ p_M`` is fitted in closed form (weighted), and the moving image is resampled onto
     the fixed grid through ``T``. Because fits are done in world mm, images of any shape, spacing and orientation are
     handled, each batch item with its own affines and transform.
+
+    Called with a single 2-channel tensor ``image`` ``(B, 2, I, J, K)`` (the MONAI bundle convention: channel 0 the
+    moving image, channel 1 the fixed image, same grid, identity affines), ``forward`` returns only the warped moving
+    image ``(B, 1, I, J, K)``: the form ``verify_net_in_out`` and TorchScript export use. Called with ``moving`` and
+    ``fixed`` it returns a :class:`KeyMorphOutput`.
 
     Args:
         detector: a module mapping ``(B, C, *S)`` images to ``(B, K, *S')`` heatmaps, e.g.
@@ -137,18 +144,20 @@ class KeyMorph(nn.Module):
     def forward(
         self,
         moving: torch.Tensor,
-        fixed: torch.Tensor,
+        fixed: torch.Tensor | None = None,
         moving_affine: torch.Tensor | None = None,
         fixed_affine: torch.Tensor | None = None,
         transform_type: str | None = None,
         tps_lambda: float | None = None,
         mode: str = "bilinear",
         padding_mode: str = "zeros",
-    ) -> KeyMorphOutput:
+        moving_alt: torch.Tensor | None = None,
+    ) -> KeyMorphOutput | torch.Tensor:
         """Register ``moving`` to ``fixed``.
 
         Args:
-            moving: ``(B, C, I, J, K)`` moving image (tensor or MONAI ``MetaTensor``).
+            moving: ``(B, C, I, J, K)`` moving image (tensor or MONAI ``MetaTensor``); or, with ``fixed=None``, the
+                2-channel bundle input ``(B, 2, I, J, K)`` (moving, fixed), for which only the warped image returns.
             fixed: ``(B, C, I', J', K')`` fixed image; the spatial shapes may differ from the moving image's.
             moving_affine: voxel-to-world affine of ``moving`` ``(4, 4)`` or ``(B, 4, 4)``; default: the
                 ``MetaTensor`` affine, else identity.
@@ -157,10 +166,22 @@ class KeyMorph(nn.Module):
             tps_lambda: overrides the default spline smoothing for this call.
             mode: interpolation for ``warped`` (``"bilinear"`` or ``"nearest"``).
             padding_mode: ``grid_sample`` padding for ``warped``.
+            moving_alt: optional second image of the moving subject in the moving pose (another contrast), whose
+                keypoints are returned as ``keypoints_moving_alt`` (for a keypoint-consistency loss).
 
         Returns:
-            :class:`KeyMorphOutput`.
+            :class:`KeyMorphOutput`, or the warped moving image for the 2-channel call.
         """
+        if fixed is None:
+            if moving.ndim != 5 or moving.shape[1] != 2:
+                raise ValueError(
+                    "called with one tensor, KeyMorph expects the 2-channel bundle input (B, 2, I, J, K) "
+                    f"(channel 0 moving, channel 1 fixed), got {tuple(moving.shape)}."
+                )
+            pair = as_tensor(moving)
+            return self.forward(
+                pair[:, :1], pair[:, 1:], moving_affine, fixed_affine, transform_type, tps_lambda
+            ).warped
         if moving.ndim != 5 or fixed.ndim != 5 or moving.shape[0] != fixed.shape[0]:
             raise ValueError(
                 "expected moving and fixed images of shape (B, C, I, J, K) with the same B, got "
@@ -196,4 +217,7 @@ class KeyMorph(nn.Module):
             moving, f2m, fixed.shape[2:], fixed_affine, moving_affine, mode=mode, padding_mode=padding_mode
         )
         lam = (self.tps_lambda if tps_lambda is None else float(tps_lambda)) if kind == "tps" else None
-        return KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam)
+        p_alt = None
+        if moving_alt is not None:
+            p_alt = self.detect(moving_alt, moving_affine, "moving_alt image")[0]
+        return KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam, p_alt)

@@ -37,7 +37,7 @@ class CenterOfMass(nn.Module):
             raise ValueError(f"expected heatmaps of shape (B, K, I, J, K'), got {tuple(heatmaps.shape)}.")
         b, k = heatmaps.shape[:2]
         spatial = heatmaps.shape[2:]
-        h = torch.relu(heatmaps).reshape(b, k, -1)
+        h = torch.relu(heatmaps.float()).reshape(b, k, -1)  # float32 even under autocast: sub-voxel sums
         mass = h.sum(-1)  # (B, K)
         grid = voxel_grid(spatial, heatmaps.device, h.dtype).reshape(-1, 3)  # (N, 3)
         points = (h @ grid) / mass.clamp_min(self.eps).unsqueeze(-1)

@@ -4,6 +4,9 @@ from .augment import RandAffineMovingd, random_affine_matrix, rotation_matrix
 from .datasets import (
     IXI_MODALITIES,
     SyntheticPairDataset,
+    build_pair_dataset,
+    evaluation_items,
+    inference_pairs,
     load_datalist,
     load_pair_list,
     sample_pairs,
@@ -13,7 +16,7 @@ from .datasets import (
 from .demo import save_nifti, write_demo_data
 from .synth import CONTRAST_PRESETS, CONTRASTS, BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES, cube_affine, load_tissue_template
-from .transforms import LoadVolumed, SynthPaird, preprocessing_transforms
+from .transforms import LoadVolumed, RandPaird, SynthPaird, preprocessing_transforms
 
 __all__ = [
     "BRAIN_CENTRE_MNI",
@@ -23,9 +26,13 @@ __all__ = [
     "IXI_MODALITIES",
     "LoadVolumed",
     "RandAffineMovingd",
+    "RandPaird",
     "SynthPaird",
     "SyntheticPairDataset",
     "TISSUES",
+    "build_pair_dataset",
+    "evaluation_items",
+    "inference_pairs",
     "cube_affine",
     "load_datalist",
     "load_pair_list",

@@ -71,10 +71,11 @@ class RandAffineMovingd(Randomizable, MapTransform):
     the field of view) and are multiplied by :attr:`ramp` (0..1) so they can be ramped in over training.
 
     If the data dictionary holds an integer ``"seed"``, the draw is a function of it (reproducible, independent of the
-    order items are loaded in); otherwise it comes from the transform's random state.
+    order items are loaded in); otherwise it comes from the transform's random state. A ``"rotation_angle_deg"`` in
+    the data dictionary overrides the transform's (per-item angles for evaluation sets).
 
     Args:
-        keys: moving image keys to resample together (e.g. ``("moving_image", "moving_label")``).
+        keys: moving image keys to resample together (absent keys are skipped).
         mode: interpolation per key (``"bilinear"`` / ``"nearest"``).
         transform_key: key of the ``(4, 4)`` ``fixed_to_moving`` ground truth (identity if absent).
         rotate_deg: maximum Euler angle per axis (degrees).
@@ -86,8 +87,8 @@ class RandAffineMovingd(Randomizable, MapTransform):
 
     def __init__(
         self,
-        keys: KeysCollection = ("moving_image", "moving_label"),
-        mode: Sequence[str] | str = ("bilinear", "nearest"),
+        keys: KeysCollection = ("moving_image", "moving_label", "moving_image_alt"),
+        mode: Sequence[str] | str = ("bilinear", "nearest", "bilinear"),
         transform_key: str = "fixed_to_moving",
         rotate_deg: float = 180.0,
         scale: float = 0.2,
@@ -112,8 +113,8 @@ class RandAffineMovingd(Randomizable, MapTransform):
         """Set the range multiplier (clipped to [0, 1])."""
         self.ramp = float(min(max(ramp, 0.0), 1.0))
 
-    def randomize(self, data: tuple[Sequence[int], np.ndarray, int | None] | None = None) -> None:
-        shape, affine, seed = data if data is not None else ((1, 1, 1), np.eye(4), None)
+    def randomize(self, data: tuple[Sequence[int], np.ndarray, int | None, float | None] | None = None) -> None:
+        shape, affine, seed, angle_deg = data if data is not None else ((1, 1, 1), np.eye(4), None, None)
         rng = (
             np.random.default_rng([int(seed), 3]) if seed is not None else np.random.default_rng(self.R.randint(2**31))
         )
@@ -121,7 +122,8 @@ class RandAffineMovingd(Randomizable, MapTransform):
         centre = affine[:3, :3] @ ((size - 1) / 2) + affine[:3, 3]
         half_fov = np.abs(affine[:3, :3]) @ size / 2
         r = self.ramp
-        angle = None if self.rotation_angle_deg is None else self.rotation_angle_deg * r
+        angle_deg = self.rotation_angle_deg if angle_deg is None else angle_deg
+        angle = None if angle_deg is None else angle_deg * r
         self._matrix = random_affine_matrix(
             rng, self.rotate_deg * r, self.scale * r, self.shear * r, self.translate * r * half_fov, angle, centre
         )
@@ -134,7 +136,10 @@ class RandAffineMovingd(Randomizable, MapTransform):
         ref = d[first]
         affine = np.asarray(ref.affine if isinstance(ref, MetaTensor) else np.eye(4), dtype=np.float64)
         seed = d.get("seed")
-        self.randomize((ref.shape[1:], affine, None if seed is None else int(seed)))
+        angle = d.get("rotation_angle_deg")
+        self.randomize(
+            (ref.shape[1:], affine, None if seed is None else int(seed), None if angle is None else float(angle))
+        )
         matrix = torch.from_numpy(self._matrix)
         pullback = torch.linalg.inv(matrix)
         for key in self.key_iterator(d):

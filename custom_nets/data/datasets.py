@@ -13,7 +13,7 @@ from monai.data import Dataset
 from monai.transforms import Compose
 
 from .augment import RandAffineMovingd
-from .transforms import SynthPaird
+from .transforms import RandPaird, SynthPaird, preprocessing_transforms
 
 __all__ = [
     "load_datalist",
@@ -23,6 +23,9 @@ __all__ = [
     "synthetic_pairs",
     "SyntheticPairDataset",
     "IXI_MODALITIES",
+    "build_pair_dataset",
+    "evaluation_items",
+    "inference_pairs",
 ]
 
 #: IXI file-name suffixes this package reads, and the modality names they map to.
@@ -250,3 +253,111 @@ class SyntheticPairDataset(Dataset):
         if augment is not None:
             transforms.append(RandAffineMovingd(**dict(augment)))
         super().__init__(synthetic_pairs(num_pairs, seed), transform=Compose(transforms))
+
+
+def evaluation_items(
+    angles_deg: Sequence[float] = (0, 45, 90, 135, 180), pairs_per_angle: int = 4, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Seeded items of a held-out evaluation set: ``pairs_per_angle`` pairs at each rotation angle (degrees, about a
+    random axis, with the augmentation's scale, shear and translation)."""
+    rng = np.random.default_rng([int(seed), 9])
+    return [
+        {"seed": int(rng.integers(2**31)), "rotation_angle_deg": float(a)}
+        for a in angles_deg
+        for _ in range(int(pairs_per_angle))
+    ]
+
+
+def build_pair_dataset(
+    num_pairs: int = 100,
+    seed: int | None = None,
+    datalist: str | Path | None = None,
+    split: str = "training",
+    spatial_size: int = 128,
+    pixdim: float = 2.0,
+    contrasts: Sequence[str] = ("t1", "t2", "pd"),
+    cross_contrast_prob: float = 0.5,
+    same_subject_prob: float = 0.5,
+    synth: Mapping[str, Any] | None = None,
+    augment: Mapping[str, Any] | None = None,
+    alt_contrast: bool = False,
+    items: Sequence[Mapping[str, Any]] | None = None,
+) -> Dataset:
+    """The pair dataset the bundle's configs use: synthetic pairs, or pairs drawn from a datalist of real images.
+
+    Without ``datalist``, pairs are synthesised on the network grid (``spatial_size`` voxels of ``pixdim`` mm) from
+    the subject stream of ``split``. With a ``datalist`` (see :func:`load_datalist`), pairs of its ``split`` images are
+    drawn at random and preprocessed with :func:`~custom_nets.data.preprocessing_transforms` onto the same grid. Either
+    way the moving image is then misaligned by :class:`RandAffineMovingd` (``augment``: its keyword arguments;
+    ``None`` for the defaults, ``False`` for none).
+
+    Args:
+        num_pairs: dataset length (pairs per epoch).
+        seed: ``None``: new random pairs at every access (training); int: a fixed, reproducible set.
+        datalist: optional datalist JSON of real images.
+        split: ``training`` / ``validation`` / ``test`` (synthetic subject streams or datalist split).
+        spatial_size, pixdim: the network grid.
+        contrasts, cross_contrast_prob, same_subject_prob: pair sampling (contrasts apply to synthetic data).
+        synth: extra :class:`~custom_nets.data.BrainSynthesizer` arguments (deformation, noise, ...).
+        augment: :class:`RandAffineMovingd` arguments.
+        alt_contrast: synthetic pairs also carry ``moving_image_alt`` (keypoint consistency).
+        items: explicit items (e.g. :func:`evaluation_items`) instead of ``num_pairs`` / ``seed``.
+    """
+    if items is None:
+        items = synthetic_pairs(num_pairs, seed)
+    stream = {"training": "train", "train": "train", "validation": "validation", "test": "test"}
+    if split not in stream:
+        raise ValueError(f"expected split in {sorted(stream)}, got {split!r}.")
+    if datalist is None:
+        synth_args = {"spatial_size": spatial_size, "pixdim": pixdim, **dict(synth or {})}
+        first = [
+            SynthPaird(
+                synth_args,
+                contrasts=contrasts,
+                cross_contrast_prob=cross_contrast_prob,
+                same_subject_prob=same_subject_prob,
+                split=stream[split],
+                alt_contrast=alt_contrast,
+            )
+        ]
+    else:
+        records = load_datalist(datalist, "training" if split == "train" else split)
+        pick = RandPaird(records, same_subject_prob=same_subject_prob, cross_contrast_prob=cross_contrast_prob)
+        label_keys = ("fixed_label", "moving_label") if pick.with_labels else ()
+        first = [pick, *preprocessing_transforms(("fixed_image", "moving_image"), label_keys, pixdim, spatial_size)]
+    transforms = list(first)
+    if augment is not False:
+        transforms.append(RandAffineMovingd(**dict(augment or {})))
+    return Dataset([dict(i) for i in items], transform=Compose(transforms))
+
+
+def inference_pairs(
+    moving: str | None = None,
+    fixed: str | None = None,
+    datalist: str | Path | None = None,
+    moving_label: str | None = None,
+    key: str = "test_pairs",
+) -> list[dict[str, Any]]:
+    """The pairs to register: one ``moving`` / ``fixed`` pair given on the command line, else a pair list JSON.
+
+    Returns items with ``moving_image``, ``fixed_image`` (paths) and, when known, ``moving_label``.
+
+    Raises:
+        ValueError: only one of ``moving`` / ``fixed`` is given, or neither they nor a datalist.
+        FileNotFoundError: a named file does not exist.
+    """
+    if moving is not None or fixed is not None:
+        if moving is None or fixed is None:
+            raise ValueError(f"give both --moving and --fixed (got moving={moving!r}, fixed={fixed!r}).")
+        item = {"moving_image": str(moving), "fixed_image": str(fixed)}
+        if moving_label:
+            item["moving_label"] = str(moving_label)
+        for k, v in item.items():
+            if not Path(v).is_file():
+                raise FileNotFoundError(f"{v}: no such file (--{k.replace('_image', '')}).")
+        return [item]
+    if datalist is None:
+        raise ValueError("nothing to register: give --moving and --fixed, or --datalist with a list of pairs.")
+    pairs = load_pair_list(datalist, key)
+    keep = ("moving_image", "fixed_image", "moving_label")
+    return [{k: p[k] for k in keep if p.get(k)} for p in pairs]

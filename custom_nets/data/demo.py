@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from ..io import atomic_write, write_json
 from .augment import random_affine_matrix, rotation_matrix
 from .synth import BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES
@@ -23,21 +21,11 @@ _FILE_MODALITY = {"t1": "T1", "t2": "T2", "pd": "PD"}
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: Any = np.float32) -> Path:
-    """Write a 3D array as NIfTI atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a 3D array as NIfTI (sform and qform set to ``affine``), atomically."""
     img = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="".join(path.suffixes))
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _lps_storage(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,11 +138,7 @@ def write_demo_data(
         )
         bar.update()
     bar.close()
-    path = out / "datalist.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(datalist, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(out / "datalist.json", datalist)
 
 
 def _write_subject(

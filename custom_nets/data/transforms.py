@@ -24,7 +24,7 @@ from monai.transforms import (
 
 from .synth import CONTRASTS, BrainSynthesizer, subject_seed
 
-__all__ = ["SynthPaird", "LoadVolumed", "preprocessing_transforms"]
+__all__ = ["SynthPaird", "RandPaird", "LoadVolumed", "preprocessing_transforms"]
 
 
 class SynthPaird(Randomizable, Transform):
@@ -46,6 +46,8 @@ class SynthPaird(Randomizable, Transform):
         same_subject_prob: probability that both images show the same subject.
         split: subject stream (``train`` / ``validation`` / ``test``): held-out splits never share subjects.
         num_subjects: size of the subject pool (``None``: a new subject almost every time).
+        alt_contrast: also make ``moving_image_alt``, the moving subject in another contrast (same pose), for a
+            keypoint-consistency loss.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class SynthPaird(Randomizable, Transform):
         same_subject_prob: float = 0.5,
         split: str = "train",
         num_subjects: int | None = None,
+        alt_contrast: bool = False,
     ) -> None:
         if synthesizer is None or isinstance(synthesizer, Mapping):
             synthesizer = BrainSynthesizer(**dict(synthesizer or {}))
@@ -66,7 +69,7 @@ class SynthPaird(Randomizable, Transform):
         self.contrasts = tuple(contrasts)
         self.cross_contrast_prob, self.same_subject_prob = float(cross_contrast_prob), float(same_subject_prob)
         subject_seed(split, 0)  # validates the split name
-        self.split, self.num_subjects = split, num_subjects
+        self.split, self.num_subjects, self.alt_contrast = split, num_subjects, bool(alt_contrast)
         self._seed = 0
 
     def randomize(self, data: Any = None) -> None:
@@ -107,6 +110,51 @@ class SynthPaird(Randomizable, Transform):
             fixed_subject=subj_f,
             moving_subject=subj_m,
         )
+        if self.alt_contrast:
+            others = [c for c in self.contrasts if c != con_m] or [con_m]
+            con_alt = others[int(rng.integers(len(others)))]
+            means_alt = self.synth.contrast_means(con_alt, int(rng.integers(2**31)))
+            d["moving_image_alt"] = MetaTensor(
+                self.synth.image(probs_m, means_alt, int(rng.integers(2**31))), affine=affine
+            )
+            d["moving_alt_contrast"] = con_alt
+        return d
+
+
+class RandPaird(Randomizable, Transform):
+    """Draw a (fixed, moving) pair of image records (paths) at random: the real-data counterpart of :class:`SynthPaird`.
+
+    Output keys: ``fixed_image``, ``moving_image`` (paths), ``fixed_label`` / ``moving_label`` (when every record has
+    a label), ``fixed_modality``, ``moving_modality``, ``fixed_subject``, ``moving_subject``, ``fixed_to_moving`` when
+    both records carry ``world_from_template``, and ``seed``. Deterministic in ``data["seed"]`` if present.
+
+    Args:
+        records: image records as returned by :func:`custom_nets.data.load_datalist`.
+        same_subject_prob, cross_contrast_prob: pairing probabilities (see :func:`custom_nets.data.sample_pairs`).
+    """
+
+    def __init__(
+        self, records: Sequence[Mapping[str, Any]], same_subject_prob: float = 0.5, cross_contrast_prob: float = 0.5
+    ) -> None:
+        if not records:
+            raise ValueError("RandPaird: no image records to draw pairs from.")
+        self.records = list(records)
+        self.same_subject_prob, self.cross_contrast_prob = float(same_subject_prob), float(cross_contrast_prob)
+        self.with_labels = all(r.get("label") for r in self.records)  # batches need the same keys in every item
+
+    def __call__(self, data: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
+        from .datasets import sample_pairs
+
+        d = dict(data or {})
+        if d.get("seed") is None:
+            d["seed"] = int(self.R.randint(2**31))
+        pair = sample_pairs(self.records, 1, self.same_subject_prob, self.cross_contrast_prob, seed=int(d["seed"]))[0]
+        if not self.with_labels:
+            pair.pop("fixed_label", None)
+            pair.pop("moving_label", None)
+        if "fixed_to_moving" in pair:
+            pair["fixed_to_moving"] = torch.as_tensor(pair["fixed_to_moving"], dtype=torch.float64)
+        d.update(pair)
         return d
 
 
@@ -195,6 +243,10 @@ def preprocessing_transforms(
     ]
     for key in image_keys:
         crop_keys = [key] + [lab for lab in label_keys if source_keys.get(lab, lab.replace("_label", "_image")) == key]
-        out.append(CropForegroundd(crop_keys, source_key=key, allow_missing_keys=True))
+        out.append(
+            CropForegroundd(
+                crop_keys, source_key=key, start_coord_key=None, end_coord_key=None, allow_missing_keys=True
+            )
+        )
     out.append(ResizeWithPadOrCropd(keys, spatial_size=spatial_size, allow_missing_keys=True))
     return out

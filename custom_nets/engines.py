@@ -1,0 +1,237 @@
+"""The KeyMorph pair step for MONAI / ignite engines.
+
+KeyMorph runs in MONAI's stock ``SupervisedTrainer`` / ``SupervisedEvaluator`` (so AMP, gradient accumulation,
+DistributedDataParallel, events and handlers all work unchanged) through three pieces:
+
+* :class:`KeyMorphPrepareBatch` turns a batch of pairs into ``network(moving, fixed, moving_affine=...,
+  fixed_affine=...)`` arguments and a ``targets`` dict;
+* :class:`~custom_nets.losses.KeyMorphLoss` (or :class:`KeypointPretrainLoss`) is the ``loss_function`` on
+  ``(KeyMorphOutput, targets)``;
+* :class:`RegistrationMetricsd` is the evaluator's ``postprocessing``: per-pair error in mm against the ground truth,
+  warped labels and Dice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+from monai.transforms import Transform
+from torch import nn
+
+from .fits import ThinPlateSpline
+from .geometry import apply_affine, as_tensor, batch_affine, voxel_grid, voxel_to_world
+from .keymorph import KeyMorphOutput
+from .losses import one_hot_labels, warp_labels
+
+__all__ = [
+    "KeyMorphPrepareBatch",
+    "RegistrationMetricsd",
+    "KeypointPretrainLoss",
+    "reference_keypoints",
+    "transform_error_mm",
+    "SUCCESS_MM",
+]
+
+#: A registration "succeeds" when its mean error over the brain is below this many mm.
+SUCCESS_MM = 2.0
+
+
+def _affine_of(x: Any, batch: int, device: torch.device) -> torch.Tensor:
+    return batch_affine(getattr(x, "affine", None), batch, device)
+
+
+class KeyMorphPrepareBatch:
+    """``prepare_batch`` for MONAI engines: a batch of pairs -> ``(moving, targets, (fixed,), kwargs)``.
+
+    The batch holds ``moving_image`` and ``fixed_image`` (``MetaTensor`` with batched affines), optionally
+    ``moving_label``, ``fixed_label``, ``fixed_to_moving`` (ground truth) and ``moving_image_alt``. The network is
+    called as ``network(moving, fixed, moving_affine=..., fixed_affine=..., [transform_type=..., tps_lambda=...,
+    moving_alt=...])``; ``targets`` holds the fixed image, affines, labels and ground truth for the loss and metrics.
+
+    Args:
+        transform_type: override the network's transform type (``rigid`` / ``affine`` / ``tps``).
+        tps_lambda: fixed spline smoothing for ``tps``.
+        tps_lambda_max: if set (training), draw ``lambda`` log-uniformly in ``[tps_lambda_min, tps_lambda_max]`` per
+            step, so one model serves every smoothing.
+        tps_lambda_min: lower end of that draw.
+        use_alt: pass ``moving_image_alt`` to the network (keypoint consistency).
+    """
+
+    def __init__(
+        self,
+        transform_type: str | None = None,
+        tps_lambda: float | None = None,
+        tps_lambda_max: float | None = None,
+        tps_lambda_min: float = 1e-3,
+        use_alt: bool = False,
+    ) -> None:
+        self.transform_type, self.tps_lambda = transform_type, tps_lambda
+        self.tps_lambda_max, self.tps_lambda_min = tps_lambda_max, float(tps_lambda_min)
+        self.use_alt = bool(use_alt)
+        self._rng = np.random.default_rng()
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor], dict[str, Any]]:
+        for key in ("moving_image", "fixed_image"):
+            if key not in batchdata:
+                raise KeyError(f"KeyMorphPrepareBatch: the batch has no '{key}' (keys: {sorted(batchdata)}).")
+        device = torch.device(device) if device is not None else batchdata["fixed_image"].device
+        raw_m, raw_f = batchdata["moving_image"], batchdata["fixed_image"]
+        b = raw_f.shape[0]
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return as_tensor(x).to(device=device, non_blocking=non_blocking)
+
+        moving, fixed = move(raw_m).float(), move(raw_f).float()
+        a_m, a_f = _affine_of(raw_m, b, device), _affine_of(raw_f, b, device)
+        targets: dict[str, Any] = {"fixed_image": fixed, "fixed_affine": a_f, "moving_affine": a_m}
+        for key in ("fixed_label", "moving_label"):
+            if isinstance(batchdata.get(key), torch.Tensor):  # (paths, as in inference, stay in the batch)
+                targets[key] = move(batchdata[key])
+        if isinstance(batchdata.get("fixed_to_moving"), torch.Tensor):
+            targets["fixed_to_moving"] = move(batchdata["fixed_to_moving"]).to(torch.float64).reshape(b, 4, 4)
+        kwargs: dict[str, Any] = {"moving_affine": a_m, "fixed_affine": a_f}
+        if self.transform_type is not None:
+            kwargs["transform_type"] = self.transform_type
+        if self.tps_lambda_max is not None:
+            lo, hi = math.log(self.tps_lambda_min), math.log(self.tps_lambda_max)
+            kwargs["tps_lambda"] = float(math.exp(self._rng.uniform(lo, hi)))
+        elif self.tps_lambda is not None:
+            kwargs["tps_lambda"] = float(self.tps_lambda)
+        if self.use_alt and batchdata.get("moving_image_alt") is not None:
+            kwargs["moving_alt"] = move(batchdata["moving_image_alt"]).float()
+        return moving, targets, (fixed,), kwargs
+
+
+def _apply(transform: torch.Tensor | ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:
+    if isinstance(transform, ThinPlateSpline):
+        return transform(points)
+    return apply_affine(transform.to(points.dtype), points)
+
+
+def transform_error_mm(
+    predicted: torch.Tensor | ThinPlateSpline,
+    truth: torch.Tensor,
+    fixed_mask: torch.Tensor,
+    fixed_affine: torch.Tensor,
+    max_points: int = 20000,
+) -> torch.Tensor:
+    """Mean distance (mm) between predicted and true ``fixed_to_moving`` images of the fixed image's masked voxels.
+
+    Args:
+        predicted: ``(B, 4, 4)`` world matrices or a spline.
+        truth: ``(B, 4, 4)`` ground-truth world matrices.
+        fixed_mask: ``(B, 1, I, J, K)``; voxels ``> 0`` count (e.g. the brain labels).
+        fixed_affine: ``(B, 4, 4)`` voxel-to-world of the fixed image.
+        max_points: voxels used per item (an even subsample beyond that).
+
+    Returns:
+        ``(B,)`` float64 errors in mm.
+    """
+    errors = []
+    grid = voxel_grid(fixed_mask.shape[2:], fixed_mask.device, torch.float64)
+    for b in range(fixed_mask.shape[0]):
+        vox = grid[fixed_mask[b, 0] > 0]
+        if vox.shape[0] == 0:
+            vox = grid.reshape(-1, 3)
+        vox = vox[:: max(1, vox.shape[0] // max_points)]
+        world = voxel_to_world(vox.unsqueeze(0), fixed_affine[b : b + 1].to(torch.float64))
+        pred_b = predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else None
+        if pred_b is not None:
+            moved = _apply(pred_b, world)
+        else:  # spline: evaluate the whole batch on this item's points, keep item b
+            moved = _apply(predicted, world.expand(predicted.batch_size, -1, -1))[b : b + 1]
+        true = _apply(truth[b : b + 1].to(torch.float64), world)
+        errors.append((moved.to(torch.float64) - true).norm(dim=-1).mean())
+    return torch.stack(errors)
+
+
+class RegistrationMetricsd(Transform):
+    """Evaluator ``postprocessing``: per-pair metrics from the engine output ``pred`` (a :class:`KeyMorphOutput`).
+
+    Adds to the output: ``error_mm`` ``(B,)`` (mean error over the fixed brain against ``fixed_to_moving`` ground
+    truth, when the batch has one), ``success`` ``(B,)`` (error below :data:`SUCCESS_MM`), ``pred_label`` /
+    ``label_onehot`` ``(B, C, ...)`` (nearest-neighbour warped moving labels and fixed labels, one-hot, for MONAI's
+    ``MeanDice``) and ``dice`` ``(B,)`` (mean over foreground classes), when the batch has labels.
+    """
+
+    def __init__(self, num_classes: int = 4) -> None:
+        self.num_classes = int(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pred: KeyMorphOutput = d["pred"]
+        targets: Mapping[str, Any] = d["label"]
+        fixed = targets["fixed_image"]
+        with torch.no_grad():
+            mask = targets.get("fixed_label", fixed)
+            if targets.get("fixed_to_moving") is not None:
+                err = transform_error_mm(
+                    pred.fixed_to_moving, targets["fixed_to_moving"], mask, targets["fixed_affine"]
+                )
+                d["error_mm"] = err
+                d["success"] = (err < SUCCESS_MM).to(torch.float32)
+            if targets.get("moving_label") is not None and targets.get("fixed_label") is not None:
+                warped = warp_labels(
+                    pred,
+                    targets["moving_label"],
+                    tuple(fixed.shape[2:]),
+                    targets["fixed_affine"],
+                    targets["moving_affine"],
+                    self.num_classes,
+                    soft=False,
+                )
+                onehot = one_hot_labels(targets["fixed_label"], self.num_classes)
+                d["pred_label"], d["label_onehot"] = warped, onehot
+                d["dice"] = compute_dice(warped, onehot, include_background=False, ignore_empty=True).nanmean(1)
+        return d
+
+
+def reference_keypoints(num_keypoints: int, seed: int = 0, tissue_threshold: float = 0.5) -> torch.Tensor:
+    """``(K, 3)`` random points (MNI world mm) inside the template brain (GM + WM probability above the threshold).
+
+    The targets of the self-supervised keypoint pretraining: the same anatomical points in every training image.
+    """
+    from .data.template import load_tissue_template
+
+    template = load_tissue_template()
+    inside = np.argwhere(template.probs[2] + template.probs[3] > tissue_threshold)
+    rng = np.random.default_rng([int(seed), 13])
+    vox = inside[rng.choice(len(inside), size=int(num_keypoints), replace=False)].astype(np.float64)
+    return torch.from_numpy(vox @ template.affine[:3, :3].T + template.affine[:3, 3])
+
+
+class KeypointPretrainLoss(nn.Module):
+    """Self-supervised keypoint pretraining: regress ``K`` fixed anatomical points under random affines.
+
+    The fixed image is in template alignment and ``targets["fixed_to_moving"]`` is the random affine applied to the
+    moving image, so keypoint ``k`` should sit at ``ref_k`` in the fixed image and at ``fixed_to_moving(ref_k)`` in
+    the moving one. Loss: mean squared distance in units of ``scale_mm``.
+
+    Args:
+        num_keypoints: ``K`` (must match the detector).
+        seed: seed of :func:`reference_keypoints`.
+        scale_mm: distance unit.
+    """
+
+    def __init__(self, num_keypoints: int, seed: int = 0, scale_mm: float = 8.0) -> None:
+        super().__init__()
+        self.register_buffer("reference", reference_keypoints(num_keypoints, seed).to(torch.float32))
+        self.scale_mm = float(scale_mm)
+
+    def forward(self, pred: KeyMorphOutput, targets: Mapping[str, Any]) -> torch.Tensor:
+        if targets.get("fixed_to_moving") is None:
+            raise KeyError("KeypointPretrainLoss needs the ground truth 'fixed_to_moving' in the batch.")
+        b, k = pred.keypoints_fixed.shape[:2]
+        if k != self.reference.shape[0]:
+            raise ValueError(f"KeypointPretrainLoss: {self.reference.shape[0]} reference points, detector gives {k}.")
+        ref = self.reference.to(pred.keypoints_fixed.device).expand(b, -1, -1)
+        ref_moving = apply_affine(targets["fixed_to_moving"].to(torch.float32), ref)
+        d2 = ((pred.keypoints_fixed - ref) ** 2).sum(-1) + ((pred.keypoints_moving - ref_moving) ** 2).sum(-1)
+        return d2.mean() / (2 * self.scale_mm**2)

@@ -1,0 +1,540 @@
+"""Ignite handlers for the KeyMorph bundle: atomic checkpoints and resume, augmentation ramp, evaluation report,
+inference writer. Each has ``attach(engine)``, so MONAI engines take them in ``train_handlers`` / ``val_handlers``."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from .engines import SUCCESS_MM
+from .fits import ThinPlateSpline
+from .geometry import resample
+from .io import atomic_write, save_registration_png, write_itk_affine, write_json
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "ResumeFromCheckpoint",
+    "AugmentationRamp",
+    "ProgressBar",
+    "RegistrationReport",
+    "RegistrationWriter",
+    "find_checkpoints",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _state_of(obj: Any) -> Any:
+    """``state_dict()`` of a module (unwrapping DistributedDataParallel), optimizer or engine."""
+    if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+        obj = obj.module
+    return obj.state_dict()
+
+
+class AtomicCheckpointSaver:
+    """Save training state atomically: the file under its final name is always complete.
+
+    Files are written through a temporary file and a rename (:func:`custom_nets.io.atomic_write`), so a run killed at
+    any moment leaves the previous checkpoints intact. The handler does no collective communication, so in
+    multi-GPU training it is attached on rank 0 only.
+
+    Args:
+        save_dir: folder of the checkpoints.
+        save_dict: objects to save, e.g. ``{"network": net, "optimizer": opt}``.
+        every_n_iterations: save every N iterations (``None``: never by iteration).
+        every_n_epochs: save every N epochs (``None``: never by epoch).
+        n_saved: keep the last N periodic checkpoints (or the N best with ``key_metric``).
+        prefix: file name prefix: files are ``<prefix>_<iteration>.pt``.
+        final_filename: also save at the end of the run (or, with ``key_metric``, at each new best) under this exact
+            name; a single object in ``save_dict`` is saved as its bare state dict, so e.g. ``model.pt`` loads with
+            ``torch.load(weights_only=True)`` straight into the network.
+        key_metric: instead of periodic saving, save when this metric of the attached engine (e.g. a validator)
+            improves (higher is better).
+        engine_key: also save the attached engine's state (epoch, iteration) under this key (``None``: do not);
+            configs cannot reference the trainer from its own handler list, hence this.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        every_n_iterations: int | None = None,
+        every_n_epochs: int | None = 1,
+        n_saved: int = 2,
+        prefix: str = "checkpoint",
+        final_filename: str | None = None,
+        key_metric: str | None = None,
+        engine_key: str | None = None,
+    ) -> None:
+        self.save_dir, self.save_dict, self.engine_key = Path(save_dir), dict(save_dict), engine_key
+        self.every_n_iterations, self.every_n_epochs = every_n_iterations, every_n_epochs
+        self.n_saved, self.prefix, self.final_filename, self.key_metric = (
+            int(n_saved),
+            prefix,
+            final_filename,
+            key_metric,
+        )
+        self.best: float | None = None
+        self.saved: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key:
+            self.save_dict[self.engine_key] = engine
+        if self.key_metric is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._save_if_best)
+            return
+        if self.every_n_iterations:
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED(every=int(self.every_n_iterations)), self._save_periodic
+            )
+        if self.every_n_epochs:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=int(self.every_n_epochs)), self._save_periodic)
+        if self.final_filename:
+            engine.add_event_handler(Events.COMPLETED, lambda e: self._write(self.save_dir / str(self.final_filename)))
+
+    def state(self) -> Any:
+        """What is saved: the bare state dict of a single object, else ``{key: state_dict}``."""
+        if len(self.save_dict) == 1:
+            return _state_of(next(iter(self.save_dict.values())))
+        return {k: _state_of(v) for k, v in self.save_dict.items()}
+
+    def _write(self, path: Path) -> Path:
+        state = self.state()
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        logger.info("saved %s", path)
+        return path
+
+    def _save_periodic(self, engine: Engine) -> None:
+        path = self.save_dir / f"{self.prefix}_{engine.state.iteration}.pt"
+        if path in self.saved:
+            return  # the same iteration hit by the iteration and the epoch schedule
+        self.saved.append(self._write(path))
+        for old in self.saved[: -self.n_saved]:
+            old.unlink(missing_ok=True)
+        self.saved = self.saved[-self.n_saved :]
+
+    def _save_if_best(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(str(self.key_metric))
+        if value is None or not np.isfinite(float(value)) or (self.best is not None and float(value) <= self.best):
+            return
+        self.best = float(value)
+        if self.final_filename:
+            self._write(self.save_dir / str(self.final_filename))
+
+
+def find_checkpoints(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:
+    """Checkpoints ``<prefix>_<iteration>.pt`` in ``save_dir``, newest (highest iteration) first."""
+    folder = Path(save_dir)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.pt$")
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+class ResumeFromCheckpoint:
+    """Resume from the newest complete checkpoint in ``save_dir`` when the run starts (nothing there: a fresh run).
+
+    Checkpoints are loaded with ``weights_only=True``. A checkpoint that cannot be read (corrupt, truncated, not a
+    checkpoint) is reported by name in a warning and skipped for the next newest one; if every checkpoint is
+    unreadable, the run stops with an error listing them. The configured ``max_epochs`` wins over the saved one, so
+    a finished run can be extended by raising it.
+
+    Args:
+        save_dir: folder of :class:`AtomicCheckpointSaver` checkpoints.
+        load_dict: objects to restore, same keys as saved (e.g. network, optimizer, trainer).
+        prefix: checkpoint file prefix.
+        map_location: ``torch.load`` map location.
+        enabled: set False to always start fresh.
+        engine_key: restore the attached engine's state from this key (see :class:`AtomicCheckpointSaver`).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        load_dict: Mapping[str, Any],
+        prefix: str = "checkpoint",
+        map_location: str | None = "cpu",
+        enabled: bool = True,
+        engine_key: str | None = None,
+    ) -> None:
+        self.save_dir, self.load_dict, self.prefix, self.engine_key = save_dir, dict(load_dict), prefix, engine_key
+        self.map_location, self.enabled = map_location, bool(enabled)
+        self.loaded_from: Path | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.engine_key:
+            self.load_dict[self.engine_key] = engine
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        candidates = find_checkpoints(self.save_dir, self.prefix)
+        if not candidates:
+            return
+        problems = []
+        for path in candidates:
+            try:
+                state = torch.load(path, map_location=self.map_location, weights_only=True)
+                if not isinstance(state, Mapping) or not set(self.load_dict) <= set(state):
+                    raise ValueError(f"expected keys {sorted(self.load_dict)}, found {sorted(state)[:8]}")
+            except Exception as err:  # corrupt zip, truncated pickle, wrong content
+                problems.append(f"{path}: {type(err).__name__}: {err}")
+                logger.warning(
+                    "checkpoint %s is unreadable (%s: %s); trying an older one", path, type(err).__name__, err
+                )
+                continue
+            max_epochs = engine.state.max_epochs
+            for key, obj in self.load_dict.items():
+                target = obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+                target.load_state_dict(state[key])
+            if max_epochs is not None and engine.state.max_epochs != max_epochs:
+                engine.state.max_epochs = max_epochs
+            self.loaded_from = path
+            logger.info("resumed from %s at iteration %d", path, engine.state.iteration)
+            return
+        raise RuntimeError(
+            "every checkpoint is unreadable, refusing to start from scratch over them:\n" + "\n".join(problems)
+        )
+
+
+class AugmentationRamp:
+    """Ramp the misalignment ranges of every :class:`~custom_nets.data.RandAffineMovingd` in a dataset's transforms
+    linearly from ``start`` to 1 over ``ramp_epochs`` epochs (KeyMorph's curriculum). Set at each epoch start, before
+    the data loader starts its workers, so worker processes see it."""
+
+    def __init__(self, dataset: Any, ramp_epochs: int, start: float = 0.1) -> None:
+        from .data.augment import RandAffineMovingd
+
+        transforms = getattr(getattr(dataset, "transform", None), "transforms", ())
+        self.targets = [t for t in transforms if isinstance(t, RandAffineMovingd)]
+        if not self.targets:
+            raise ValueError("AugmentationRamp: the dataset's transform has no RandAffineMovingd to ramp.")
+        self.ramp_epochs, self.start = int(ramp_epochs), float(start)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        frac = 1.0 if self.ramp_epochs <= 0 else min(1.0, (engine.state.epoch - 1) / self.ramp_epochs)
+        for t in self.targets:
+            t.set_ramp(self.start + (1.0 - self.start) * frac)
+
+
+class ProgressBar:
+    """ignite's tqdm progress bar with the running loss, as a MONAI-style handler (``attach(engine)``).
+
+    Args:
+        desc: bar label.
+        output_key: engine output key shown beside the bar (``None``: nothing).
+        persist: keep the finished bar on screen.
+    """
+
+    def __init__(self, desc: str = "", output_key: str | None = "loss", persist: bool = True) -> None:
+        self.desc, self.output_key, self.persist = desc, output_key, persist
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar as _Bar
+
+        key = self.output_key
+
+        def show(output: Any) -> dict[str, float]:
+            if key is None or not isinstance(output, Mapping) or key not in output:
+                return {}
+            value = output[key]
+            return {key: float(value.detach().mean()) if isinstance(value, torch.Tensor) else float(value)}
+
+        _Bar(persist=self.persist, desc=self.desc).attach(engine, output_transform=show)
+
+
+def _as_list(x: Any, n: int) -> list[Any]:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().reshape(n, -1)[:, 0].tolist() if x.numel() >= n else [x.item()] * n
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x] * n
+
+
+class RegistrationReport:
+    """Write per-pair metrics (CSV) and a summary (JSON) of an evaluation run, by rotation angle.
+
+    Reads, per iteration, the outputs of :class:`~custom_nets.engines.RegistrationMetricsd` (``error_mm``,
+    ``success``, ``dice``) and from the batch ``rotation_angle_deg``, contrasts / modalities, subjects and seed. The
+    summary has, overall and per angle: pairs, success rate (error below 2 mm), median and mean error (mm), mean
+    Dice and seconds per pair. Files are written atomically when the run completes.
+
+    Args:
+        output_dir: folder for ``metrics.csv`` and ``summary.json``.
+        prefix: file name prefix.
+    """
+
+    COLUMNS = (
+        "pair",
+        "seed",
+        "rotation_deg",
+        "fixed_contrast",
+        "moving_contrast",
+        "same_subject",
+        "error_mm",
+        "success",
+        "dice",
+        "seconds",
+    )
+
+    def __init__(self, output_dir: str, prefix: str = "") -> None:
+        self.output_dir, self.prefix = Path(output_dir), prefix
+        self.rows: list[dict[str, Any]] = []
+        self._t0 = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def _start(self, engine: Engine) -> None:
+        self._t0 = time.perf_counter()
+
+    def _collect(self, engine: Engine) -> None:
+        out, batch = engine.state.output, engine.state.batch
+        n = int(batch["fixed_image"].shape[0])
+        seconds = (time.perf_counter() - self._t0) / n
+
+        def get(src: Mapping[str, Any], *keys: str) -> list[Any]:
+            for k in keys:
+                if src.get(k) is not None:
+                    return _as_list(src[k], n)
+            return [None] * n
+
+        cols = {
+            "seed": get(batch, "seed"),
+            "rotation_deg": get(batch, "rotation_angle_deg"),
+            "fixed_contrast": get(batch, "fixed_contrast", "fixed_modality"),
+            "moving_contrast": get(batch, "moving_contrast", "moving_modality"),
+            "fixed_subject": get(batch, "fixed_subject"),
+            "moving_subject": get(batch, "moving_subject"),
+            "error_mm": get(out, "error_mm"),
+            "success": get(out, "success"),
+            "dice": get(out, "dice"),
+        }
+        for i in range(n):
+            row = {k: v[i] for k, v in cols.items()}
+            row["same_subject"] = row.pop("fixed_subject") == row.pop("moving_subject")
+            row["pair"], row["seconds"] = len(self.rows), seconds
+            self.rows.append(row)
+
+    def summary(self) -> dict[str, Any]:
+        def stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+            err = np.array([r["error_mm"] for r in rows if r["error_mm"] is not None], dtype=float)
+            dice = np.array([r["dice"] for r in rows if r["dice"] is not None], dtype=float)
+            out: dict[str, Any] = {"pairs": len(rows), "seconds_per_pair": float(np.mean([r["seconds"] for r in rows]))}
+            if err.size:
+                out.update(
+                    success_rate=float(np.mean(err < SUCCESS_MM)),
+                    median_error_mm=float(np.median(err)),
+                    mean_error_mm=float(np.mean(err)),
+                    p90_error_mm=float(np.percentile(err, 90)),
+                )
+            if dice.size:
+                out["mean_dice"] = float(np.nanmean(dice))
+            return out
+
+        by_angle: dict[Any, list] = defaultdict(list)
+        for r in self.rows:
+            by_angle[r["rotation_deg"]].append(r)
+        return {
+            "success_threshold_mm": SUCCESS_MM,
+            "overall": stats(self.rows) if self.rows else {"pairs": 0},
+            "by_rotation_deg": {
+                str(k): stats(v) for k, v in sorted(by_angle.items(), key=lambda kv: (kv[0] is None, kv[0]))
+            },
+        }
+
+    def write(self, engine: Engine | None = None) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        buf = _io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        text = buf.getvalue()
+        atomic_write(self.output_dir / f"{self.prefix}metrics.csv", lambda tmp: Path(tmp).write_text(text))
+        summary = self.summary()
+        write_json(self.output_dir / f"{self.prefix}summary.json", summary)
+        logger.info("evaluation summary: %s", summary["overall"])
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    return re.sub(r"\.nii(\.gz)?$|\.mgz$|\.nrrd$", "", name, flags=re.IGNORECASE)
+
+
+def _load_volume(path: str) -> nib.Nifti1Image:
+    img = nib.load(path)
+    if len(img.shape) != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}.")
+    return img
+
+
+def resample_to_image(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    fixed_shape: Sequence[int],
+    fixed_affine: np.ndarray,
+    fixed_to_moving: torch.Tensor | ThinPlateSpline,
+    mode: str = "bilinear",
+    device: torch.device | str = "cpu",
+    max_voxels: int = 2**22,
+) -> np.ndarray:
+    """Resample a full-resolution moving volume onto a fixed grid, slab by slab (bounded memory)."""
+    mov = torch.as_tensor(np.asarray(moving, dtype=np.float32), device=device)[None, None]
+    a_m = torch.as_tensor(moving_affine, dtype=torch.float64, device=device)
+    a_f = torch.as_tensor(fixed_affine, dtype=torch.float64, device=device)
+    slab = max(1, max_voxels // max(1, int(np.prod(fixed_shape[1:]))))
+    out = np.empty(tuple(int(n) for n in fixed_shape), dtype=np.float32)
+    for i0 in range(0, int(fixed_shape[0]), slab):
+        i1 = min(int(fixed_shape[0]), i0 + slab)
+        shift = torch.eye(4, dtype=torch.float64, device=device)
+        shift[0, 3] = i0
+        part = resample(mov, fixed_to_moving, (i1 - i0, *fixed_shape[1:]), a_f @ shift, a_m, mode=mode)
+        out[i0:i1] = part[0, 0].cpu().numpy()
+    return out
+
+
+class RegistrationWriter:
+    """Write every registered pair of an inference run, at the original images' full resolution.
+
+    For each pair, named after the moving image ``<stem>``, in ``output_dir``:
+
+    * ``<stem>_warped.nii.gz``: the moving image resampled onto the fixed image's grid (fixed header);
+    * ``<stem>_label_warped.nii.gz``: the moving labels resampled with nearest neighbour (when given);
+    * ``<stem>.json``: ``fixed_to_moving_ras`` and ``moving_to_fixed_ras`` (4 x 4, RAS mm), transform type, keypoints
+      of both images (RAS mm) and their weights;
+    * ``<stem>.tfm``: ITK transform (LPS) that SimpleITK / ANTs / 3D Slicer apply to the original images;
+    * ``<stem>.png``: keypoints over orthogonal slices of both images and the overlay after registration.
+
+    Every file is written atomically. The engine output ``pred`` is a :class:`~custom_nets.keymorph.KeyMorphOutput`
+    computed on the preprocessed images; as its transforms are in world mm, they apply to the originals exactly.
+
+    Args:
+        output_dir: output folder.
+        png: write the PNG.
+        device: device used to resample the originals.
+    """
+
+    def __init__(self, output_dir: str, png: bool = True, device: torch.device | str = "cpu") -> None:
+        self.output_dir, self.png, self.device = Path(output_dir), bool(png), device
+        self.written: list[dict[str, str]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        out, batch = engine.state.output, engine.state.batch
+        pred = out["pred"]
+        fixed_paths = batch["fixed_image"].meta["filename_or_obj"]
+        moving_paths = batch["moving_image"].meta["filename_or_obj"]
+        labels = batch.get("moving_label")
+        for b in range(len(fixed_paths)):
+            label = labels[b] if isinstance(labels, (list, tuple)) else None
+            self.written.append(self.write_pair(pred, b, str(fixed_paths[b]), str(moving_paths[b]), label))
+
+    def write_pair(self, pred: Any, b: int, fixed_path: str, moving_path: str, label_path: str | None) -> dict:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        stem = _stem(moving_path)
+        fixed_img, moving_img = _load_volume(fixed_path), _load_volume(moving_path)
+        f_aff, m_aff = np.asarray(fixed_img.affine, dtype=np.float64), np.asarray(moving_img.affine, dtype=np.float64)
+        f2m = pred.fixed_to_moving
+        t_item = f2m[b : b + 1].double() if isinstance(f2m, torch.Tensor) else _spline_item(f2m, b)
+        moving_data = np.asarray(moving_img.dataobj, dtype=np.float32)
+        warped = resample_to_image(moving_data, m_aff, fixed_img.shape, f_aff, t_item, device=self.device)
+        files = {"warped": str(self.output_dir / f"{stem}_warped.nii.gz")}
+        _save_like(warped, fixed_img, files["warped"], np.float32)
+        if label_path:
+            lab_img = _load_volume(label_path)
+            lab = resample_to_image(
+                np.asarray(lab_img.dataobj, dtype=np.float32),
+                np.asarray(lab_img.affine, dtype=np.float64),
+                fixed_img.shape,
+                f_aff,
+                t_item,
+                mode="nearest",
+                device=self.device,
+            )
+            files["label_warped"] = str(self.output_dir / f"{stem}_label_warped.nii.gz")
+            _save_like(np.rint(lab), fixed_img, files["label_warped"], lab_img.get_data_dtype())
+        record: dict[str, Any] = {
+            "moving": moving_path,
+            "fixed": fixed_path,
+            "transform_type": pred.transform_type,
+            "convention": (
+                "RAS+ world coordinates in mm. fixed_to_moving_ras maps a point of the fixed image to the "
+                "corresponding point of the moving image (the resampling direction, as ITK); moving_to_fixed_ras is "
+                "its inverse, which moves the moving image onto the fixed one."
+            ),
+            "keypoints_fixed_ras_mm": pred.keypoints_fixed[b].detach().cpu().double().tolist(),
+            "keypoints_moving_ras_mm": pred.keypoints_moving[b].detach().cpu().double().tolist(),
+            "keypoint_weights": pred.weights[b].detach().cpu().double().tolist(),
+        }
+        if isinstance(f2m, torch.Tensor):
+            m = f2m[b].detach().cpu().double()
+            record["fixed_to_moving_ras"] = m.tolist()
+            record["moving_to_fixed_ras"] = torch.linalg.inv(m).tolist()
+            files["itk_transform"] = str(self.output_dir / f"{stem}.tfm")
+            write_itk_affine(files["itk_transform"], m.numpy())
+        else:
+            record["tps_lambda"] = pred.tps_lambda
+            record["fixed_to_moving_affine_part_ras"] = f2m.affine_part()[b].detach().cpu().double().tolist()
+        if self.png:
+            files["png"] = str(self.output_dir / f"{stem}.png")
+            save_registration_png(
+                files["png"],
+                np.asarray(fixed_img.dataobj, dtype=np.float32),
+                moving_data,
+                warped,
+                f_aff,
+                m_aff,
+                np.asarray(record["keypoints_fixed_ras_mm"]),
+                np.asarray(record["keypoints_moving_ras_mm"]),
+                np.asarray(record["keypoint_weights"]),
+                title=f"{Path(moving_path).name} -> {Path(fixed_path).name}",
+            )
+        record["outputs"] = dict(files)
+        files["json"] = str(self.output_dir / f"{stem}.json")
+        write_json(files["json"], record)
+        return files
+
+
+def _spline_item(spline: ThinPlateSpline, b: int) -> ThinPlateSpline:
+    return ThinPlateSpline(
+        spline.control[b : b + 1],
+        spline.centre[b : b + 1],
+        spline.scale[b : b + 1],
+        spline.kernel_coeffs[b : b + 1],
+        spline.affine_coeffs[b : b + 1],
+        spline.lam,
+        torch.float32,
+    )
+
+
+def _save_like(data: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
+    header = like.header.copy()
+    header.set_data_dtype(dtype)
+    img = type(like)(np.asarray(data).astype(dtype), like.affine, header=header)
+    if hasattr(img, "set_qform"):
+        img.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
+        img.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
+    img.header.set_slope_inter(1.0, 0.0)
+    atomic_write(path, lambda tmp: nib.save(img, tmp))

@@ -1,0 +1,118 @@
+"""The KeyMorph training objective: image similarity, Dice on warped labels, keypoint consistency."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.losses import DiceLoss
+from torch import nn
+
+from .fits import ThinPlateSpline
+from .geometry import resample
+from .keymorph import KeyMorphOutput
+
+__all__ = ["KeyMorphLoss", "one_hot_labels", "warp_labels"]
+
+
+def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, 1, ...)`` integer-valued labels to ``(B, num_classes, ...)`` float one-hot (values outside are dropped)."""
+    lab = labels.round().long().clamp(0, num_classes - 1)
+    return torch.nn.functional.one_hot(lab[:, 0], num_classes).movedim(-1, 1).to(torch.float32)
+
+
+def warp_labels(
+    pred: KeyMorphOutput,
+    moving_label: torch.Tensor,
+    fixed_shape: tuple[int, ...],
+    fixed_affine: torch.Tensor,
+    moving_affine: torch.Tensor,
+    num_classes: int,
+    soft: bool = True,
+) -> torch.Tensor:
+    """Moving labels ``(B, 1, ...)`` warped onto the fixed grid through ``pred.fixed_to_moving``.
+
+    ``soft=True``: one-hot then trilinear (differentiable in the transform, for Dice training); else nearest
+    neighbour then one-hot. Returns ``(B, num_classes, *fixed_shape)``.
+    """
+    t: torch.Tensor | ThinPlateSpline = pred.fixed_to_moving
+    if soft:
+        return resample(one_hot_labels(moving_label, num_classes), t, fixed_shape, fixed_affine, moving_affine)
+    warped = resample(moving_label.float(), t, fixed_shape, fixed_affine, moving_affine, mode="nearest")
+    return one_hot_labels(warped, num_classes)
+
+
+class KeyMorphLoss(nn.Module):
+    """``image_weight * image_loss(warped, fixed) + dice_weight * Dice(warped moving labels, fixed labels)
+    + consistency_weight * keypoint consistency``.
+
+    Used as the ``loss_function`` of a MONAI ``SupervisedTrainer`` with
+    :class:`~custom_nets.engines.KeyMorphPrepareBatch`: ``pred`` is the :class:`KeyMorphOutput`, ``targets`` the dict
+    that prepare-batch builds (``fixed_image``, ``fixed_affine``, ``moving_affine``, optional ``fixed_label``,
+    ``moving_label``).
+
+    Args:
+        image_loss: a loss on ``(warped, fixed)`` images, e.g. ``torch.nn.MSELoss()`` (same contrast),
+            ``monai.losses.GlobalMutualInformationLoss()`` or ``monai.losses.LocalNormalizedCrossCorrelationLoss()``
+            (cross contrast); ``None`` for none.
+        image_weight: its weight.
+        dice_weight: weight of the soft Dice loss on warped one-hot labels (needs labels in the batch).
+        num_classes: label classes including background (4 for the tissue maps).
+        consistency_weight: weight of the mean squared distance (in units of ``consistency_scale_mm``) between the
+            keypoints of the moving image and of its other contrast ``moving_image_alt`` (needs that key).
+        consistency_scale_mm: distance unit of the consistency term.
+    """
+
+    def __init__(
+        self,
+        image_loss: nn.Module | None = None,
+        image_weight: float = 1.0,
+        dice_weight: float = 0.0,
+        num_classes: int = 4,
+        consistency_weight: float = 0.0,
+        consistency_scale_mm: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.image_loss = image_loss
+        self.image_weight, self.dice_weight = float(image_weight), float(dice_weight)
+        self.consistency_weight, self.consistency_scale_mm = float(consistency_weight), float(consistency_scale_mm)
+        self.num_classes = int(num_classes)
+        self.dice = DiceLoss(include_background=False, reduction="mean")
+        if image_loss is None and self.dice_weight <= 0 and self.consistency_weight <= 0:
+            raise ValueError(
+                "KeyMorphLoss: every term is off; give an image_loss or a positive dice/consistency weight."
+            )
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, pred: KeyMorphOutput, targets: Mapping[str, Any]) -> torch.Tensor:
+        fixed = targets["fixed_image"]
+        total = fixed.new_zeros(())
+        terms: dict[str, float] = {}
+        if self.image_loss is not None and self.image_weight:
+            sim = self.image_loss(pred.warped.float(), fixed.float())
+            total = total + self.image_weight * sim
+            terms["image"] = float(sim.detach())
+        if self.dice_weight:
+            if targets.get("moving_label") is None or targets.get("fixed_label") is None:
+                raise KeyError("KeyMorphLoss: dice_weight > 0 needs 'fixed_label' and 'moving_label' in the batch.")
+            warped = warp_labels(
+                pred,
+                targets["moving_label"],
+                tuple(fixed.shape[2:]),
+                targets["fixed_affine"],
+                targets["moving_affine"],
+                self.num_classes,
+            )
+            dice = self.dice(warped, one_hot_labels(targets["fixed_label"], self.num_classes))
+            total = total + self.dice_weight * dice
+            terms["dice"] = float(dice.detach())
+        if self.consistency_weight:
+            if pred.keypoints_moving_alt is None:
+                raise KeyError("KeyMorphLoss: consistency_weight > 0 needs 'moving_image_alt' in the batch.")
+            d2 = ((pred.keypoints_moving - pred.keypoints_moving_alt) ** 2).sum(-1) / self.consistency_scale_mm**2
+            cons = (pred.weights.detach() * d2).mean()
+            total = total + self.consistency_weight * cons
+            terms["consistency"] = float(cons.detach())
+        self.last_terms = terms
+        return total

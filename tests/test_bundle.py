@@ -1,0 +1,338 @@
+"""The MONAI bundle end to end, through the real ``python -m monai.bundle`` CLI, on tiny settings.
+
+One module-scoped run trains a few iterations; the tests then resume it, evaluate it, run inference with it, and check
+the bundle tooling (check_properties, verify_net_in_out, ckpt_export) and the multi-GPU overlay (2 CPU processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom_nets.data import write_demo_data
+from custom_nets.handlers import find_checkpoints
+from custom_nets.io import read_itk_affine
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundle"
+TINY = [
+    "--spatial_size",
+    "32",
+    "--pixdim",
+    "8.0",
+    "--num_keypoints",
+    "16",
+    "--detector#channels",
+    "[8, 16, 16]",
+    "--detector#pool_after",
+    "[0, 1]",
+]
+TRAIN = ["--train#epoch_length", "2", "--validate#num_pairs", "2", "--checkpoint_every", "1"]
+
+
+def bundle_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ...`` in the bundle folder; fail the test with its output on error."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert res.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("bundle")
+
+
+@pytest.fixture(scope="module")
+def demo(work):
+    return write_demo_data(work / "demo", num_subjects=3, pixdim=4.0, progress=False).parent
+
+
+@pytest.fixture(scope="module")
+def trained(work):
+    """Train 2 epochs x 2 iterations on synthetic pairs; returns the run folder."""
+    run = work / "run"
+    bundle_cli(
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--output_dir",
+        str(run),
+        "--max_epochs",
+        "2",
+        *TINY,
+        *TRAIN,
+    )
+    return run
+
+
+def test_training_writes_checkpoints_weights_and_logs(trained):
+    ckpts = find_checkpoints(trained / "checkpoints")
+    assert [p.name for p in ckpts] == ["checkpoint_4.pt", "checkpoint_3.pt"]  # n_saved = 2, newest first
+    state = torch.load(ckpts[0], weights_only=True)
+    assert set(state) == {"network", "optimizer", "trainer"} and state["trainer"]["iteration"] == 4
+    weights = torch.load(trained / "model.pt", weights_only=True)
+    assert set(weights) == set(state["network"]) and all(k.startswith("detector.") for k in weights)
+    assert (trained / "best_model.pt").is_file()
+    assert list(trained.glob("events.out.tfevents.*"))
+    assert not list(trained.rglob(".tmp-*"))
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, work):
+    run = work / "resumed"
+    shutil.copytree(trained, run)
+    (run / "checkpoints" / "checkpoint_4.pt").write_bytes(b"truncated")  # the newest is corrupt: fall back, name it
+    res = bundle_cli(
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--output_dir",
+        str(run),
+        "--max_epochs",
+        "3",
+        *TINY,
+        *TRAIN,
+    )
+    log = res.stdout + res.stderr
+    assert "checkpoint_4.pt is unreadable" in log
+    assert re.search(r"resumed from .*checkpoint_3\.pt at iteration 3", log)
+    final = torch.load(run / "checkpoints" / "checkpoint_6.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 6 and final["trainer"]["epoch_length"] == 2  # 3 epochs of 2
+    # the optimizer state continued too: Adam's step count is the number of iterations actually trained
+    steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
+    assert steps == {6}
+
+
+def test_evaluation_reports_by_angle(trained, work):
+    out = work / "eval"
+    bundle_cli(
+        "run",
+        "evaluating",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json']",
+        "--output_dir",
+        str(out),
+        "--ckpt_path",
+        str(trained / "model.pt"),
+        "--pairs_per_angle",
+        "1",
+        *TINY,
+    )
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("pair,seed,rotation_deg") and len(rows) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["by_rotation_deg"], key=float) == ["0.0", "45.0", "90.0", "135.0", "180.0"]
+    for stats in summary["by_rotation_deg"].values():
+        assert stats["pairs"] == 1 and 0 <= stats["success_rate"] <= 1 and stats["median_error_mm"] >= 0
+        assert 0 <= stats["mean_dice"] <= 1
+
+
+def _translated_copy(src_img: Path, src_lab: Path, dst_img: Path, dst_lab: Path, shift_mm: np.ndarray) -> np.ndarray:
+    """The same content moved by ``shift_mm`` in world and stored in LPS voxel order; returns the true
+    fixed_to_moving (RAS 4 x 4): a fixed point x corresponds to the moving point x + shift."""
+    for src, dst in ((src_img, dst_img), (src_lab, dst_lab)):
+        img = nib.load(str(src))
+        data = np.asarray(img.dataobj)[::-1, ::-1]
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[0, 3], flip[1, 3] = data.shape[0] - 1, data.shape[1] - 1
+        affine = img.affine @ flip
+        affine[:3, 3] += shift_mm
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine, img.header), str(dst))
+    truth = np.eye(4)
+    truth[:3, 3] = shift_mm
+    return truth
+
+
+def test_inference_outputs_agree_with_each_other_and_the_truth(trained, demo, work):
+    fixed, fixed_lab = demo / "sub-02_T1.nii.gz", demo / "sub-02_label.nii.gz"
+    moving, moving_lab = work / "shifted_T1.nii.gz", work / "shifted_label.nii.gz"
+    truth = _translated_copy(fixed, fixed_lab, moving, moving_lab, np.array([12.3, -7.9, 20.6]))
+    out = work / "infer"
+    bundle_cli(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.json",
+        "--ckpt_path",
+        str(trained / "model.pt"),
+        "--moving",
+        str(moving),
+        "--fixed",
+        str(fixed),
+        "--moving_label",
+        str(moving_lab),
+        "--output_dir",
+        str(out),
+        *TINY,
+    )
+    result = json.loads((out / "shifted_T1.json").read_text())
+    f2m, m2f = np.array(result["fixed_to_moving_ras"]), np.array(result["moving_to_fixed_ras"])
+    # the network sees identical inputs (same content, orientation normalised): the fit is the exact translation
+    assert np.abs(f2m - truth).max() < 1e-3
+    assert np.allclose(f2m @ m2f, np.eye(4), atol=1e-6)
+    assert np.allclose(read_itk_affine(out / "shifted_T1.tfm"), f2m, atol=1e-9)
+    assert len(result["keypoints_fixed_ras_mm"]) == 16 and len(result["keypoint_weights"]) == 16
+    kp_f, kp_m = np.array(result["keypoints_fixed_ras_mm"]), np.array(result["keypoints_moving_ras_mm"])
+    assert np.abs(kp_m - kp_f - truth[:3, 3]).max() < 1e-3
+    # the warped NIfTI lies on the fixed grid, with the fixed header, and reproduces the fixed image and labels
+    warped = nib.load(str(out / "shifted_T1_warped.nii.gz"))
+    fixed_img = nib.load(str(fixed))
+    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine)
+    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
+    lab = nib.load(str(out / "shifted_T1_label_warped.nii.gz")).get_fdata()
+    assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
+    assert (out / "shifted_T1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sitk = pytest.importorskip("SimpleITK")  # the .tfm applied by ITK gives the same warped image
+    res = sitk.Resample(
+        sitk.ReadImage(str(moving)),
+        sitk.ReadImage(str(fixed)),
+        sitk.ReadTransform(str(out / "shifted_T1.tfm")),
+        sitk.sitkLinear,
+        0.0,
+    )
+    by_itk = np.transpose(sitk.GetArrayFromImage(res), (2, 1, 0))
+    assert np.abs(by_itk - warped.get_fdata()).max() < 1e-3
+
+
+def test_inference_on_the_demo_pair_list(trained, demo, work):
+    out = work / "infer_list"
+    bundle_cli(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.json",
+        "--ckpt_path",
+        str(trained / "model.pt"),
+        "--dataset_dir",
+        str(demo),
+        "--output_dir",
+        str(out),
+        "--write_png",
+        "False",
+        *TINY,
+    )
+    pairs = json.loads((demo / "datalist.json").read_text())["test_pairs"]
+    for p in pairs:
+        stem = Path(p["moving_image"]).name.replace(".nii.gz", "")
+        assert (out / f"{stem}.json").is_file() and (out / f"{stem}_label_warped.nii.gz").is_file()
+        assert not (out / f"{stem}.png").exists()
+    # the demo's scoring reads them back against the ground truth (an untrained model: errors, not successes)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "custom_nets",
+            "score",
+            "--results",
+            str(out),
+            "--datalist",
+            str(demo / "datalist.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert len(re.findall(r"^pair-\d\d_", res.stdout, flags=re.M)) == len(pairs)
+    assert re.search(r"\d of 5 pairs registered within 2 mm", res.stdout)
+
+
+def test_bundle_tooling(trained, demo, work):
+    from monai.bundle import ConfigWorkflow
+
+    cwd = os.getcwd()
+    os.chdir(BUNDLE)
+    try:
+        for config, kind in ((["configs/train.json"], "train"), ("configs/inference.json", "infer")):
+            wf = ConfigWorkflow(
+                config_file=config,
+                meta_file="configs/metadata.json",
+                workflow_type=kind,
+                logging_file="configs/logging.conf",
+                dataset_dir=str(demo),
+            )
+            wf.initialize()
+            assert wf.check_properties() == [], config
+    finally:
+        os.chdir(cwd)
+    bundle_cli(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+    )
+    ts = work / "model.ts"
+    bundle_cli(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts),
+        "--ckpt_file",
+        str(trained / "model.pt"),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1, 2, 32, 32, 32]",
+        *TINY,
+    )
+    scripted = torch.jit.load(str(ts))
+    pair = torch.rand(1, 2, 32, 32, 32)
+    assert scripted(pair).shape == (1, 1, 32, 32, 32)
+
+
+def test_multi_gpu_overlay_on_two_cpu_processes(work):
+    run = work / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        "--output_dir",
+        str(run),
+        "--max_epochs",
+        "1",
+        *TINY,
+        *TRAIN,
+    ]
+    res = subprocess.run(
+        cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore")
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    # 2 pairs per epoch split over 2 processes: one iteration each; only rank 0 writes checkpoints
+    state = torch.load(find_checkpoints(run / "checkpoints")[0], weights_only=True)
+    assert state["trainer"]["iteration"] == 1
+    assert all(not k.startswith("module.") for k in state["network"])
+    assert (run / "model.pt").is_file()
