@@ -3,6 +3,7 @@
 Commands:
     demo_data   write the built-in demo set (synthetic brains, three contrasts, labels, datalist.json).
     score       compare inference results with the ground truth of a pair list (e.g. the demo test pairs).
+    release     record the weights' URL and SHA-256 in large_files.yml and pack the bundle zip.
 """
 
 from __future__ import annotations
@@ -47,8 +48,28 @@ def score(results: str = "demo_out", datalist: str = "demo_data/datalist.json") 
     print(format_scores(score_results(results, datalist)))
 
 
+def release(bundle_dir: str = "bundle", out_dir: str = "dist", url_base: str | None = None) -> str:
+    """Write BUNDLE_DIR/large_files.yml (URL and SHA-256 of models/model.pt) and pack OUT_DIR/<name>_v<version>.zip.
+
+    Args:
+        bundle_dir: the bundle folder.
+        out_dir: where the zip goes.
+        url_base: where the weights will be downloadable from (the URL is <url_base>/model.pt); if omitted, the
+            URL already in large_files.yml is kept and only its hash is refreshed.
+    """
+    from monai.bundle import ConfigParser
+
+    from .release import pack_bundle, write_large_files
+
+    if url_base is None:
+        listing = ConfigParser.load_config_file(f"{bundle_dir}/large_files.yml")
+        url_base = str(listing["large_files"][0]["url"]).rsplit("/", 1)[0]
+    write_large_files(bundle_dir, url_base)
+    return str(pack_bundle(bundle_dir, out_dir))
+
+
 def main() -> None:
-    fire.Fire({"demo_data": demo_data, "score": score})
+    fire.Fire({"demo_data": demo_data, "score": score, "release": release})
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # matplotlib is imported lazily, inside the plotting function
 
 __all__ = [
     "atomic_write",
+    "sha256_file",
     "to_jsonable",
     "write_json",
     "write_itk_affine",
@@ -116,6 +117,17 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], Any]) -> Path:
             pass
         raise
     return path
+
+
+def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_jsonable(obj: Any) -> Any:

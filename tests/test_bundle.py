@@ -336,3 +336,40 @@ def test_multi_gpu_overlay_on_two_cpu_processes(work):
     assert state["trainer"]["iteration"] == 1
     assert all(not k.startswith("module.") for k in state["network"])
     assert (run / "model.pt").is_file()
+
+
+def test_pretraining_stage_and_keypoint_consistency_train(work):
+    pre = work / "pretrain"
+    bundle_cli(
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/pretrain.json']",
+        "--output_dir",
+        str(pre),
+        "--max_epochs",
+        "1",
+        *TINY,
+        *TRAIN,
+    )
+    assert (pre / "model.pt").is_file()
+    # the main stage starts from the pretrained weights, with the keypoint-consistency term on
+    run = work / "consistency"
+    res = bundle_cli(
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--output_dir",
+        str(run),
+        "--max_epochs",
+        "1",
+        "--init_weights",
+        str(pre / "model.pt"),
+        "--loss_weights#consistency",
+        "0.5",
+        *TINY,
+        *TRAIN,
+    )
+    assert "Restored all variables from" in res.stdout + res.stderr
+    assert find_checkpoints(run / "checkpoints")
