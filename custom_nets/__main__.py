@@ -4,6 +4,7 @@ Commands:
     demo_data   write the built-in demo set (synthetic brains, three contrasts, labels, datalist.json).
     score       compare inference results with the ground truth of a pair list (e.g. the demo test pairs).
     release     record the weights' URL and SHA-256 in large_files.yml and pack the bundle zip.
+    table       print an evaluation summary.json as a Markdown table (for the model card).
 """
 
 from __future__ import annotations
@@ -68,8 +69,18 @@ def release(bundle_dir: str = "bundle", out_dir: str = "dist", url_base: str | N
     return str(pack_bundle(bundle_dir, out_dir))
 
 
+def table(summary: str = "runs/eval/summary.json") -> None:
+    """Print SUMMARY (written by the bundle's evaluating workflow) as a Markdown table by rotation angle."""
+    import json
+
+    from .scoring import summary_markdown
+
+    with open(summary) as f:
+        print(summary_markdown(json.load(f)))
+
+
 def main() -> None:
-    fire.Fire({"demo_data": demo_data, "score": score, "release": release})
+    fire.Fire({"demo_data": demo_data, "score": score, "release": release, "table": table})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 from .fits import ThinPlateSpline
 from .geometry import apply_affine, as_tensor, batch_affine, voxel_grid, voxel_to_world
 from .keymorph import KeyMorphOutput
-from .losses import one_hot_labels, warp_labels
+from .losses import warp_target_labels
 
 __all__ = [
     "KeyMorphPrepareBatch",
@@ -178,16 +178,7 @@ class RegistrationMetricsd(Transform):
                 d["error_mm"] = err
                 d["success"] = (err < SUCCESS_MM).to(torch.float32)
             if targets.get("moving_label") is not None and targets.get("fixed_label") is not None:
-                warped = warp_labels(
-                    pred,
-                    targets["moving_label"],
-                    tuple(fixed.shape[2:]),
-                    targets["fixed_affine"],
-                    targets["moving_affine"],
-                    self.num_classes,
-                    soft=False,
-                )
-                onehot = one_hot_labels(targets["fixed_label"], self.num_classes)
+                warped, onehot = warp_target_labels(pred, targets, self.num_classes, soft=False)
                 d["pred_label"], d["label_onehot"] = warped, onehot
                 d["dice"] = compute_dice(warped, onehot, include_background=False, ignore_empty=True).nanmean(1)
         return d

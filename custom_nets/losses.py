@@ -13,7 +13,7 @@ from .fits import ThinPlateSpline
 from .geometry import resample
 from .keymorph import KeyMorphOutput
 
-__all__ = ["KeyMorphLoss", "one_hot_labels", "warp_labels"]
+__all__ = ["KeyMorphLoss", "one_hot_labels", "warp_labels", "warp_target_labels"]
 
 
 def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -41,6 +41,26 @@ def warp_labels(
         return resample(one_hot_labels(moving_label, num_classes), t, fixed_shape, fixed_affine, moving_affine)
     warped = resample(moving_label.float(), t, fixed_shape, fixed_affine, moving_affine, mode="nearest")
     return one_hot_labels(warped, num_classes)
+
+
+def warp_target_labels(
+    pred: KeyMorphOutput, targets: Mapping[str, Any], num_classes: int, soft: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(warped moving labels, fixed labels)``, both one-hot ``(B, num_classes, ...)`` on the fixed grid, from the
+    ``targets`` dict of :class:`~custom_nets.engines.KeyMorphPrepareBatch`."""
+    if targets.get("moving_label") is None or targets.get("fixed_label") is None:
+        raise KeyError("warping labels needs 'fixed_label' and 'moving_label' in the batch.")
+    fixed = targets["fixed_image"]
+    warped = warp_labels(
+        pred,
+        targets["moving_label"],
+        tuple(fixed.shape[2:]),
+        targets["fixed_affine"],
+        targets["moving_affine"],
+        num_classes,
+        soft=soft,
+    )
+    return warped, one_hot_labels(targets["fixed_label"], num_classes)
 
 
 class KeyMorphLoss(nn.Module):
@@ -94,17 +114,8 @@ class KeyMorphLoss(nn.Module):
             total = total + self.image_weight * sim
             terms["image"] = float(sim.detach())
         if self.dice_weight:
-            if targets.get("moving_label") is None or targets.get("fixed_label") is None:
-                raise KeyError("KeyMorphLoss: dice_weight > 0 needs 'fixed_label' and 'moving_label' in the batch.")
-            warped = warp_labels(
-                pred,
-                targets["moving_label"],
-                tuple(fixed.shape[2:]),
-                targets["fixed_affine"],
-                targets["moving_affine"],
-                self.num_classes,
-            )
-            dice = self.dice(warped, one_hot_labels(targets["fixed_label"], self.num_classes))
+            warped, fixed_onehot = warp_target_labels(pred, targets, self.num_classes, soft=True)
+            dice = self.dice(warped, fixed_onehot)
             total = total + self.dice_weight * dice
             terms["dice"] = float(dice.detach())
         if self.consistency_weight:

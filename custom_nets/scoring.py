@@ -81,3 +81,27 @@ def format_scores(rows: list[dict[str, Any]]) -> str:
     ok = sum(r["success"] for r in rows)
     lines.append(f"{ok} of {len(rows)} pairs registered within {SUCCESS_MM:g} mm (mean error over the fixed brain).")
     return "\n".join(lines)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A Markdown table (one row per rotation angle, then overall) of an evaluation ``summary.json``."""
+    head = (
+        "| rotation (deg) | pairs | success (< 2 mm) | median error (mm) | mean error (mm) | 90th pct (mm) "
+        "| tissue Dice | s / pair |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+
+    def row(label: str, s: dict[str, Any]) -> str:
+        def f(key: str, fmt: str) -> str:
+            return format(s[key], fmt) if key in s else "-"
+
+        success = f"{100 * s['success_rate']:.0f} %" if "success_rate" in s else "-"
+        return (
+            f"| {label} | {s.get('pairs', 0)} | {success} | {f('median_error_mm', '.2f')} | {f('mean_error_mm', '.2f')}"
+            f" | {f('p90_error_mm', '.2f')} | {f('mean_dice', '.3f')} | {f('seconds_per_pair', '.2f')} |"
+        )
+
+    for angle, stats in summary.get("by_rotation_deg", {}).items():
+        lines.append(row(f"{float(angle):.0f}" if angle not in ("None", "") else "-", stats))
+    lines.append(row("all", summary.get("overall", {})))
+    return "\n".join(lines)

@@ -42,6 +42,17 @@ def _resolve(base: Path, value: str, source: str) -> str:
     return str(path)
 
 
+def _read_json(path: str | Path, what: str) -> tuple[Path, Any]:
+    """Read a JSON file; errors name the file and say what it should have been."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found.")
+    try:
+        return path, json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid JSON {what} ({err}).") from err
+
+
 def load_datalist(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """Read a MONAI-style datalist JSON of images.
 
@@ -58,13 +69,7 @@ def load_datalist(path: str | Path, split: str | None = None) -> list[dict[str, 
         FileNotFoundError: the JSON or a listed file is missing (the message names it).
         ValueError: the JSON is malformed, the split is absent, or an entry has no ``image``.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: datalist file not found.")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid JSON datalist ({err}).") from err
+    path, content = _read_json(path, "datalist")
     if isinstance(content, list):
         if split is not None:
             raise ValueError(f"{path}: is a plain list, it has no split {split!r}.")
@@ -102,13 +107,7 @@ def load_pair_list(path: str | Path, key: str = "test_pairs") -> list[dict[str, 
     other keys (e.g. the ground truth ``fixed_to_moving_ras``), kept as they are. Relative paths are resolved against
     the JSON's folder; every file must exist.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: pair list file not found.")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid JSON pair list ({err}).") from err
+    path, content = _read_json(path, "pair list")
     entries = content if isinstance(content, list) else content.get(key) if isinstance(content, Mapping) else None
     if not entries:
         raise ValueError(f"{path}: no pairs (expected a list, or a non-empty list under {key!r}).")
