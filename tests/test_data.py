@@ -207,6 +207,10 @@ def test_load_volume_errors_name_the_file(tmp_path):
         load({"img": str(tmp_path / "series.nii.gz")})
     with pytest.raises(ValueError, match=r"nan\.nii\.gz: contains NaN"):
         load({"img": str(tmp_path / "nan.nii.gz")})
+    _write(tmp_path / "zero.nii.gz", np.zeros((8, 8, 8)), np.eye(4))
+    with pytest.raises(ValueError, match=r"zero\.nii\.gz: every voxel is 0"):
+        load({"img": str(tmp_path / "zero.nii.gz")})
+    assert LoadVolumed("lab", reject_constant=False)({"lab": str(tmp_path / "zero.nii.gz")})["lab"].max() == 0
     assert isinstance(load({"img": good})["img"], MetaTensor)
 
 

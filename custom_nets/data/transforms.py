@@ -162,11 +162,13 @@ class LoadVolumed(MapTransform):
     """Load 3D images with MONAI ``LoadImaged`` (channel first) and fail with the file named on anything unusable.
 
     Errors (``ValueError`` / ``FileNotFoundError``, message starting with the path): missing file, unreadable or
-    corrupt file, not a single-channel 3D volume (2D, 4D / multi-channel), NaN or Inf voxels.
+    corrupt file, not a single-channel 3D volume (2D, 4D / multi-channel), NaN or Inf voxels, and (unless
+    ``reject_constant=False``, e.g. for label maps that may be empty) a constant image.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, reject_constant: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.reject_constant = bool(reject_constant)
         self._loader = LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -191,6 +193,10 @@ class LoadVolumed(MapTransform):
                 raise ValueError(f"{path}: expected a 3D volume, got spatial shape {tuple(img.shape[1:])}.")
             if not torch.isfinite(img).all():
                 raise ValueError(f"{path}: contains NaN or Inf voxels.")
+            if self.reject_constant and img.numel() and bool(img.max() == img.min()):
+                raise ValueError(
+                    f"{path}: every voxel is {float(img.min()):g} (a constant image has nothing to register)."
+                )
             d[key] = img
         return d
 
@@ -233,8 +239,10 @@ def preprocessing_transforms(
     keys = image_keys + label_keys
     modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
     source_keys = dict(source_keys or {})
-    out: list[Transform] = [
-        LoadVolumed(keys, allow_missing_keys=True),
+    out: list[Transform] = [LoadVolumed(image_keys, allow_missing_keys=True)]
+    if label_keys:
+        out.append(LoadVolumed(label_keys, allow_missing_keys=True, reject_constant=False))
+    out += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
         Spacingd(keys, pixdim=pixdim, mode=modes, padding_mode="zeros", allow_missing_keys=True),
         ScaleIntensityRangePercentilesd(
