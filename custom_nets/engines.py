@@ -73,7 +73,6 @@ class KeyMorphPrepareBatch:
         self.transform_type, self.tps_lambda = transform_type, tps_lambda
         self.tps_lambda_max, self.tps_lambda_min = tps_lambda_max, float(tps_lambda_min)
         self.use_alt = bool(use_alt)
-        self._rng = np.random.default_rng()
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
@@ -101,7 +100,8 @@ class KeyMorphPrepareBatch:
             kwargs["transform_type"] = self.transform_type
         if self.tps_lambda_max is not None:
             lo, hi = math.log(self.tps_lambda_min), math.log(self.tps_lambda_max)
-            kwargs["tps_lambda"] = float(math.exp(self._rng.uniform(lo, hi)))
+            # torch's generator, so monai.utils.set_determinism makes the draws reproducible
+            kwargs["tps_lambda"] = float(math.exp(lo + (hi - lo) * float(torch.rand(()))))
         elif self.tps_lambda is not None:
             kwargs["tps_lambda"] = float(self.tps_lambda)
         if self.use_alt and batchdata.get("moving_image_alt") is not None:

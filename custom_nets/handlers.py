@@ -622,12 +622,14 @@ def _spline_item(spline: ThinPlateSpline, b: int) -> ThinPlateSpline:
     )
 
 
-def _save_like(data: np.ndarray, like: nib.Nifti1Image, path: str, dtype: Any) -> None:
-    header = like.header.copy()
-    header.set_data_dtype(dtype)
-    img = type(like)(np.asarray(data).astype(dtype), like.affine, header=header)
-    if hasattr(img, "set_qform"):
-        img.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
-        img.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
+def _save_like(data: np.ndarray, like: Any, path: str, dtype: Any) -> None:
+    """Save ``data`` as NIfTI on the grid of image ``like``: its affine, and its NIfTI header fields (units, codes,
+    description) when ``like`` is NIfTI; data type ``dtype``, no intensity scaling."""
+    header = like.header.copy() if isinstance(like, nib.Nifti1Image) else None
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), like.affine, header=header)
+    img.header.set_data_dtype(dtype)
+    codes = (int(like.header["qform_code"]), int(like.header["sform_code"])) if header is not None else (0, 0)
+    img.set_qform(like.affine, code=codes[0] or 1)
+    img.set_sform(like.affine, code=codes[1] or 1)
     img.header.set_slope_inter(1.0, 0.0)
     atomic_write(path, lambda tmp: nib.save(img, tmp))
