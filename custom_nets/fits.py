@@ -192,6 +192,20 @@ class ThinPlateSpline:
             out.append(lin + _tps_kernel(q, self.control) @ self.kernel_coeffs)
         return torch.cat(out, dim=1).to(dtype)
 
+    @staticmethod
+    def cat(splines: list[ThinPlateSpline]) -> ThinPlateSpline:
+        """Concatenate splines with the same number of control points along the batch."""
+        first = splines[0]
+        return ThinPlateSpline(
+            torch.cat([s.control for s in splines]),
+            torch.cat([s.centre for s in splines]),
+            torch.cat([s.scale for s in splines]),
+            torch.cat([s.kernel_coeffs for s in splines]),
+            torch.cat([s.affine_coeffs for s in splines]),
+            first.lam,
+            first.dtype,
+        )
+
     def affine_part(self) -> torch.Tensor:
         """The affine part of the spline as ``(B, 4, 4)`` matrices in the original (un-normalised) units."""
         lin = self.affine_coeffs[:, :3].transpose(1, 2) / self.scale  # d f / d x

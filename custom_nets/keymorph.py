@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fits import ThinPlateSpline, fit_transform
+from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_transform
 from .geometry import as_tensor, batch_affine, heatmap_to_voxel, resample, voxel_to_world
 from .keypoints import CenterOfMass, power_weights
+from .search import cube_rotations, rotate_volume
 
 __all__ = ["KeyMorph", "KeyMorphOutput", "TRANSFORM_TYPES"]
 
@@ -81,6 +82,12 @@ class KeyMorph(nn.Module):
         tps_lambda: default thin-plate-spline smoothing (``>= 0``).
         weighted: use KeyMorph's heatmap-power keypoint weights; if False, every non-empty keypoint weighs 1.
         com_eps: heatmap mass at or below which a keypoint counts as absent (see :class:`CenterOfMass`).
+        orientation_search: at inference (eval mode), detect the moving keypoints in each of the 24 axis-aligned
+            orientations of its voxel grid and keep the fit whose warped image is most similar to the fixed one
+            (see :mod:`custom_nets.search`): a detector accurate within about 45 degrees then covers any rotation,
+            for 24 detector passes instead of one.
+        search_similarity: the loss that ranks the candidates (lower is better); default MONAI's
+            ``GlobalMutualInformationLoss`` (any contrast).
     """
 
     def __init__(
@@ -90,6 +97,8 @@ class KeyMorph(nn.Module):
         tps_lambda: float = 0.0,
         weighted: bool = True,
         com_eps: float = 1e-6,
+        orientation_search: bool = False,
+        search_similarity: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -97,6 +106,12 @@ class KeyMorph(nn.Module):
         self.tps_lambda = float(tps_lambda)
         self.weighted = bool(weighted)
         self.com = CenterOfMass(eps=com_eps)
+        self.orientation_search = bool(orientation_search)
+        if search_similarity is None:
+            from monai.losses import GlobalMutualInformationLoss
+
+            search_similarity = GlobalMutualInformationLoss(num_bins=32)
+        self.search_similarity = search_similarity
 
     @staticmethod
     def _check_type(transform_type: str) -> str:
@@ -190,6 +205,9 @@ class KeyMorph(nn.Module):
         moving_affine = getattr(moving, "affine", None) if moving_affine is None else moving_affine
         fixed_affine = getattr(fixed, "affine", None) if fixed_affine is None else fixed_affine
         moving, fixed = as_tensor(moving), as_tensor(fixed)
+        kind = self._check_type(transform_type or self.transform_type)
+        if self.orientation_search and not self.training and moving_alt is None:
+            return self._search(moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode)
         if moving.shape[1:] == fixed.shape[1:]:  # one detector pass for both images
             _check_content(fixed, "fixed image")
             _check_content(moving, "moving image")
@@ -207,11 +225,7 @@ class KeyMorph(nn.Module):
         else:
             p_fix, m_fix = self.detect(fixed, fixed_affine, "fixed image")
             p_mov, m_mov = self.detect(moving, moving_affine, "moving image")
-        if self.weighted:
-            weights = power_weights(m_fix, m_mov)
-        else:
-            weights = ((m_fix > 0) & (m_mov > 0)).to(p_fix.dtype)
-        kind = self._check_type(transform_type or self.transform_type)
+        weights = self._weights(m_fix, m_mov)
         f2m, m2f = self.fit(p_fix, p_mov, weights, kind, tps_lambda)
         warped = resample(
             moving, f2m, fixed.shape[2:], fixed_affine, moving_affine, mode=mode, padding_mode=padding_mode
@@ -221,3 +235,67 @@ class KeyMorph(nn.Module):
         if moving_alt is not None:
             p_alt = self.detect(moving_alt, moving_affine, "moving_alt image")[0]
         return KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam, p_alt)
+
+    def _weights(self, m_fix: torch.Tensor, m_mov: torch.Tensor) -> torch.Tensor:
+        if self.weighted:
+            return power_weights(m_fix, m_mov)
+        return ((m_fix > 0) & (m_mov > 0)).to(m_fix.dtype)
+
+    @torch.no_grad()
+    def _search(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        moving_affine: torch.Tensor | None,
+        fixed_affine: torch.Tensor | None,
+        kind: str,
+        tps_lambda: float | None,
+        mode: str,
+        padding_mode: str,
+    ) -> KeyMorphOutput:
+        """Registration with orientation search (see ``orientation_search``), item by item."""
+        _check_content(fixed, "fixed image")
+        _check_content(moving, "moving image")
+        b, device = moving.shape[0], moving.device
+        a_m = batch_affine(moving_affine, b, device)
+        a_f = batch_affine(fixed_affine, b, device)
+        p_fix, m_fix = self.detect(fixed, a_f, "fixed image")
+        lam = (self.tps_lambda if tps_lambda is None else float(tps_lambda)) if kind == "tps" else None
+        results: list[KeyMorphOutput] = []
+        for i in range(b):
+            best: tuple[float, KeyMorphOutput] | None = None
+            for perm, signs in cube_rotations():
+                rotated, vox_map = rotate_volume(moving[i : i + 1], perm, signs)
+                a_rot = a_m[i : i + 1] @ torch.linalg.inv(vox_map)
+                p_mov, m_mov = self.detect(rotated, a_rot, "moving image")
+                weights = self._weights(m_fix[i : i + 1], m_mov)
+                try:
+                    f2m, m2f = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
+                except DegenerateKeypointsError:
+                    continue  # this view found too few keypoints; others may not
+                warped = resample(
+                    moving[i : i + 1], f2m, fixed.shape[2:], a_f[i : i + 1], a_m[i : i + 1], mode, padding_mode
+                )
+                score = float(self.search_similarity(warped.float(), fixed[i : i + 1].float()))
+                if best is None or score < best[0]:
+                    out = KeyMorphOutput(warped, f2m, m2f, p_fix[i : i + 1], p_mov, weights, kind, lam)
+                    best = (score, out)
+            if best is None:
+                raise DegenerateKeypointsError(f"batch item {i}: no orientation of the moving image gave a valid fit.")
+            results.append(best[1])
+        if len(results) == 1:
+            return results[0]
+
+        def cat(values: list) -> torch.Tensor | ThinPlateSpline:
+            return ThinPlateSpline.cat(values) if isinstance(values[0], ThinPlateSpline) else torch.cat(values)
+
+        return KeyMorphOutput(
+            torch.cat([r.warped for r in results]),
+            cat([r.fixed_to_moving for r in results]),
+            cat([r.moving_to_fixed for r in results]),
+            torch.cat([r.keypoints_fixed for r in results]),
+            torch.cat([r.keypoints_moving for r in results]),
+            torch.cat([r.weights for r in results]),
+            kind,
+            lam,
+        )
