@@ -8,10 +8,12 @@ from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_affine, fit_rig
 from .geometry import resample
 from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput
 from .keypoints import CenterOfMass, power_weights
+from .refine import AffineRefiner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffineRefiner",
     "CenterOfMass",
     "ConvNetDetector",
     "DegenerateKeypointsError",

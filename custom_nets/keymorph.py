@@ -88,6 +88,9 @@ class KeyMorph(nn.Module):
             for 24 detector passes instead of one.
         search_similarity: the loss that ranks the candidates (lower is better); default MONAI's
             ``GlobalMutualInformationLoss`` (any contrast).
+        refiner: optional module polishing affine results at inference (eval mode), called as
+            ``refiner(moving, fixed, fixed_to_moving, moving_affine, fixed_affine)``, e.g.
+            :class:`~custom_nets.refine.AffineRefiner`; the keypoints stay those of the detector.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class KeyMorph(nn.Module):
         com_eps: float = 1e-6,
         orientation_search: bool = False,
         search_similarity: nn.Module | None = None,
+        refiner: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -112,6 +116,7 @@ class KeyMorph(nn.Module):
 
             search_similarity = GlobalMutualInformationLoss(num_bins=32)
         self.search_similarity = search_similarity
+        self.refiner = refiner
 
     @staticmethod
     def _check_type(transform_type: str) -> str:
@@ -207,7 +212,8 @@ class KeyMorph(nn.Module):
         moving, fixed = as_tensor(moving), as_tensor(fixed)
         kind = self._check_type(transform_type or self.transform_type)
         if self.orientation_search and not self.training and moving_alt is None:
-            return self._search(moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode)
+            out = self._search(moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode)
+            return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode)
         if moving.shape[1:] == fixed.shape[1:]:  # one detector pass for both images
             _check_content(fixed, "fixed image")
             _check_content(moving, "moving image")
@@ -234,7 +240,29 @@ class KeyMorph(nn.Module):
         p_alt = None
         if moving_alt is not None:
             p_alt = self.detect(moving_alt, moving_affine, "moving_alt image")[0]
-        return KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam, p_alt)
+        out = KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam, p_alt)
+        return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode)
+
+    def _refine(
+        self,
+        out: KeyMorphOutput,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        moving_affine: torch.Tensor | None,
+        fixed_affine: torch.Tensor | None,
+        mode: str,
+        padding_mode: str,
+    ) -> KeyMorphOutput:
+        """Polish an affine result with :attr:`refiner` (inference only; rigid and spline results are kept)."""
+        if self.refiner is None or self.training or out.transform_type != "affine":
+            return out
+        b, device = moving.shape[0], moving.device
+        a_m, a_f = batch_affine(moving_affine, b, device), batch_affine(fixed_affine, b, device)
+        f2m = self.refiner(moving, fixed, out.fixed_to_moving, a_m, a_f)
+        out.fixed_to_moving = f2m
+        out.moving_to_fixed = torch.linalg.inv(f2m.double()).to(f2m.dtype)
+        out.warped = resample(moving, f2m, fixed.shape[2:], a_f, a_m, mode=mode, padding_mode=padding_mode)
+        return out
 
     def _weights(self, m_fix: torch.Tensor, m_mov: torch.Tensor) -> torch.Tensor:
         if self.weighted:
