@@ -153,8 +153,8 @@ class ResumeFromCheckpoint:
 
     Checkpoints are loaded with ``weights_only=True``. A checkpoint that cannot be read (corrupt, truncated, not a
     checkpoint) is reported by name in a warning and skipped for the next newest one; if every checkpoint is
-    unreadable, the run stops with an error listing them. The configured ``max_epochs`` wins over the saved one, so
-    a finished run can be extended by raising it.
+    unreadable, the run stops with an error listing them. The configured ``max_epochs`` and learning rates win over
+    the saved ones, so a finished run can be extended by raising ``max_epochs`` and continued with a lower rate.
 
     Args:
         save_dir: folder of :class:`AtomicCheckpointSaver` checkpoints.
@@ -203,7 +203,11 @@ class ResumeFromCheckpoint:
             max_epochs = engine.state.max_epochs
             for key, obj in self.load_dict.items():
                 target = obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+                rates = [g["lr"] for g in target.param_groups] if isinstance(target, torch.optim.Optimizer) else None
                 target.load_state_dict(state[key])
+                if rates is not None:
+                    for group, lr in zip(target.param_groups, rates):
+                        group["lr"] = lr
             if max_epochs is not None and engine.state.max_epochs != max_epochs:
                 engine.state.max_epochs = max_epochs
             self.loaded_from = path

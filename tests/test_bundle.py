@@ -109,6 +109,8 @@ def test_resume_continues_from_the_last_checkpoint(trained, work):
         str(run),
         "--max_epochs",
         "3",
+        "--learning_rate",
+        "0.00005",
         *TINY,
         *TRAIN,
     )
@@ -120,6 +122,7 @@ def test_resume_continues_from_the_last_checkpoint(trained, work):
     # the optimizer state continued too: Adam's step count is the number of iterations actually trained
     steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
     assert steps == {6}
+    assert {g["lr"] for g in final["optimizer"]["param_groups"]} == {0.00005}  # the configured rate wins
 
 
 def test_evaluation_reports_by_angle(trained, work):
