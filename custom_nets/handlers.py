@@ -35,6 +35,7 @@ __all__ = [
     "RegistrationReport",
     "RegistrationWriter",
     "find_checkpoints",
+    "output_stem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -473,7 +474,8 @@ class RegistrationReport:
         logger.info("evaluation summary: %s", summary["overall"])
 
 
-def _stem(path: str) -> str:
+def output_stem(path: str) -> str:
+    """The name inference outputs of an image get: its file name without the image extension."""
     name = Path(path).name
     return re.sub(r"\.nii(\.gz)?$|\.mgz$|\.nrrd$", "", name, flags=re.IGNORECASE)
 
@@ -550,7 +552,7 @@ class RegistrationWriter:
 
     def write_pair(self, pred: Any, b: int, fixed_path: str, moving_path: str, label_path: str | None) -> dict:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        stem = _stem(moving_path)
+        stem = output_stem(moving_path)
         fixed_img, moving_img = _load_volume(fixed_path), _load_volume(moving_path)
         f_aff, m_aff = np.asarray(fixed_img.affine, dtype=np.float64), np.asarray(moving_img.affine, dtype=np.float64)
         f2m = pred.fixed_to_moving

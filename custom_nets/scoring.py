@@ -11,16 +11,9 @@ import numpy as np
 
 from .data.datasets import load_pair_list
 from .engines import SUCCESS_MM
+from .handlers import output_stem
 
 __all__ = ["score_results", "format_scores"]
-
-
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +34,7 @@ def score_results(results_dir: str | Path, datalist: str | Path, key: str = "tes
     """
     rows = []
     for pair in load_pair_list(datalist, key):
-        stem = _stem(pair["moving_image"])
+        stem = output_stem(pair["moving_image"])
         result_path = Path(results_dir) / f"{stem}.json"
         if not result_path.is_file():
             raise FileNotFoundError(f"{result_path}: no result for {pair['moving_image']}.")
