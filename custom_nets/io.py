@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .geometry import as_tensor
+from .geometry import LPS_FROM_RAS, as_tensor
 
 if TYPE_CHECKING:  # matplotlib is imported lazily, inside the plotting functions
     from matplotlib.figure import Figure
@@ -42,7 +42,7 @@ __all__ = [
 PathLike = str | os.PathLike
 
 #: RAS+ <-> LPS+ (its own inverse), as a float64 numpy matrix.
-_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_LPS_FROM_RAS = LPS_FROM_RAS.numpy()  # the one definition, in geometry
 
 _ITK_HEADER = "#Insight Transform File V1.0"
 _ITK_WRITE_TYPE = "AffineTransform_double_3_3"
