@@ -88,7 +88,8 @@ def test_images_and_labels_stay_aligned(synth):
             assert torch.equal(img.affine, lab.affine)
             fit = _label_fit(img, lab)
             assert fit > 0.8, (side, seed, fit)
-            assert _label_fit(img, torch.roll(lab, 2, dims=1)) < fit - 0.2  # misaligned labels would show
+            # misaligned labels would show: they leave at least twice the unexplained variance
+            assert 1 - _label_fit(img, torch.roll(lab, 2, dims=1)) > 2 * (1 - fit)
     t1 = make({"seed": 0})
     if t1["fixed_contrast"] == "t1":  # preset ordering: WM > GM > CSF on T1
         img, lab = t1["fixed_image"], t1["fixed_label"]
@@ -113,6 +114,29 @@ def test_ground_truth_carries_label_centroids(synth):
         other["moving_label"], other["moving_label"].affine
     )
     assert diff.norm(dim=1).max() < 6.0
+
+
+def test_a_posed_subject_keeps_its_anatomy():
+    """subject(seed, pose) is the same deformed anatomy moved by exactly pose (the deformation lives in template
+    space): probability-weighted tissue centroids and second moments map through the pose."""
+    from custom_nets.data import random_affine_matrix
+
+    synth = BrainSynthesizer(spatial_size=64, pixdim=4.0)
+    rng = np.random.default_rng(3)
+    pose = random_affine_matrix(rng, 0, 0.0, 0.0, 12.0, rotation_angle_deg=70.0, centre=(0, -17, 5))
+    base, posed = synth.subject(21), synth.subject(21, pose=pose)
+    world = voxel_grid(synth.shape, dtype=torch.float64).reshape(-1, 3) @ torch.as_tensor(synth.affine[:3, :3]).T
+    world = world + torch.as_tensor(synth.affine[:3, 3])
+    rot, shift = torch.as_tensor(pose[:3, :3]), torch.as_tensor(pose[:3, 3])
+    for c in (1, 2, 3):
+        wb, wp = base[c].reshape(-1).double(), posed[c].reshape(-1).double()
+        mb, mp = (wb[:, None] * world).sum(0) / wb.sum(), (wp[:, None] * world).sum(0) / wp.sum()
+        assert (rot @ mb + shift - mp).norm() < 0.3, c
+        cb = ((world - mb) * wb[:, None]).T @ (world - mb) / wb.sum()
+        cp = ((world - mp) * wp[:, None]).T @ (world - mp) / wp.sum()
+        assert (rot @ cb @ rot.T - cp).abs().max() < 0.02 * cb.abs().max(), c
+    other = synth.subject(22)  # a different subject really differs
+    assert (other[1] - base[1]).abs().mean() > 0.01
 
 
 def test_augmentation_ranges_and_ramp(synth):
@@ -274,12 +298,14 @@ def test_demo_set_via_cli_and_its_ground_truth(tmp_path):
     )
     pairs = load_pair_list(datalist)
     assert [p["rotation_deg"] for p in pairs] == [0, 45, 90, 135, 180]
-    for p in pairs:  # the ground truth maps the fixed tissue centroids onto the moving ones (different subjects)
+    for p in pairs:  # the exact ground truth maps the fixed tissue centroids onto the moving ones (one anatomy)
         f, m = nib.load(p["fixed_label"]), nib.load(p["moving_label"])
         cf = _centroids(torch.tensor(f.get_fdata())[None], torch.tensor(f.affine))
         cm = _centroids(torch.tensor(m.get_fdata())[None], torch.tensor(m.affine))
         gt = torch.tensor(p["fixed_to_moving_ras"], dtype=torch.float64)
-        assert ((cf @ gt[:3, :3].T + gt[:3, 3]) - cm).norm(dim=1).max() < 8.0, p["rotation_deg"]
+        dist = ((cf @ gt[:3, :3].T + gt[:3, 3]) - cm).norm(dim=1)
+        # GM and WM agree to a fraction of the 6.4 mm voxel; thin CSF aliases and the fixed field of view cuts some
+        assert dist[1:].max() < 2.0 and dist[0] < 8.0, (p["rotation_deg"], dist)
     again = write_demo_data(tmp_path / "again", num_subjects=3, pixdim=6.4, progress=False)
     assert np.array_equal(
         nib.load(str(again.parent / "sub-00_T1.nii.gz")).get_fdata(),

@@ -67,11 +67,12 @@ def write_demo_data(
     with LPS voxel order. Subjects are split about 70 / 10 / 20 % into training / validation / test, from disjoint
     seed streams.
     ``test_pairs`` adds registration problems with large misalignment: a moving image of a test subject posed by
-    exactly each angle of ``test_angles`` about a random axis, with the ground-truth ``fixed_to_moving_ras`` (4 x 4
-    world mm matrix).
+    exactly each angle of ``test_angles`` about a random axis (the first test subject's anatomy, in another
+    contrast), with the exact ground-truth ``fixed_to_moving_ras`` (4 x 4 world mm matrix).
 
     Every entry carries ``world_from_template`` (template MNI mm -> image world mm, 4 x 4), so the ground truth of any
-    pair of images ``F``, ``M`` is ``W_M @ inv(W_F)`` (up to each subject's small non-linear anatomy difference).
+    pair of images ``F``, ``M`` is ``W_M @ inv(W_F)`` (exact for images of one subject; up to the non-linear anatomy
+    difference between two subjects).
     """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -113,8 +114,8 @@ def write_demo_data(
         bar.update()
     # posed test images get a 256 mm cube, like a scan whose field of view holds the whole rotated head
     pair_synth = BrainSynthesizer(spatial_size=max(int(max(spatial_size)), round(256 / pixdim)), pixdim=pixdim)
-    fixed_entries = test_subjects[0][2]
-    mov_sid, mov_seed, _ = test_subjects[-1]
+    # the moving images are the fixed subject in another pose and contrast: the ground truth is exact
+    mov_sid, mov_seed, fixed_entries = test_subjects[0]
     for k, angle in enumerate(test_angles):
         pose = _pose(rng, 0.0, 15.0, angle_deg=float(angle))
         contrast = contrasts[(k + 1) % len(contrasts)]

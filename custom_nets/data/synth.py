@@ -33,6 +33,9 @@ CONTRAST_PRESETS: dict[str, tuple[float, float, float, float]] = {
 #: Contrast names accepted by :meth:`BrainSynthesizer.image`.
 CONTRASTS = (*CONTRAST_PRESETS, "random")
 
+#: Side (mm) of the template-space box over which the displacement lattice of a subject is spread.
+_DEFORM_BOX_MM = 256.0
+
 _SPLITS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -96,23 +99,36 @@ class BrainSynthesizer:
         self.bias_std, self.blur_max, self.noise_max = float(bias_std), float(blur_max), float(noise_max)
         self.gamma_std, self.jitter = float(gamma_std), float(jitter)
         template = load_tissue_template()
-        self._template = torch.from_numpy(template.probs).unsqueeze(0)  # (1, 4, I, J, K)
-        self._template_affine = torch.from_numpy(template.affine).unsqueeze(0)
+        # one voxel of pure background around the template, so that border padding continues background only (the
+        # template's last axial slice cuts the brainstem, which would otherwise extend to the edge of the grid)
+        probs = torch.from_numpy(template.probs).unsqueeze(0)  # (1, 4, I, J, K)
+        self._template = F.pad(probs, (1, 1, 1, 1, 1, 1))
+        self._template[:, 0] += F.pad(torch.ones_like(probs[:, 0]), (1, 1, 1, 1, 1, 1), value=0.0).eq(0).float()
+        shift = np.eye(4)
+        shift[:3, 3] = -1.0
+        self._template_affine = torch.from_numpy(template.affine @ shift).unsqueeze(0)
         vox = voxel_grid(self.shape, dtype=torch.float64).reshape(1, -1, 3)
         self._world = voxel_to_world(vox, torch.from_numpy(self.affine).unsqueeze(0))  # (1, N, 3) float64
+        self._centre = torch.as_tensor(BRAIN_CENTRE_MNI, dtype=torch.float64)
 
     def subject(self, seed: int, pose: np.ndarray | None = None) -> torch.Tensor:
         """Tissue probabilities ``(4, S, S, S)`` of the subject with this seed (deterministic).
 
         ``pose``: optional ``(4, 4)`` world matrix placing the subject's head in the output grid's world: template
         point ``p`` appears at world ``pose @ p`` (a head position in the scanner). Default: template alignment.
+        The anatomy (the displacement field, defined in template space) is the same in every pose and on every grid,
+        so two images of one subject differ by exactly ``pose_b @ inv(pose_a)``.
         """
         gen = torch.Generator().manual_seed(int(seed))
-        disp = _smooth_field(gen, self.deform_points, self.shape, 3, self.deform_mm)  # (3, S, S, S) mm
+        points = self.deform_points
+        lattice = torch.randn(1, 3, points, points, points, generator=gen, dtype=torch.float64) * self.deform_mm
         world = self._world
         if pose is not None:
             world = apply_affine(torch.linalg.inv(torch.as_tensor(pose, dtype=torch.float64)).unsqueeze(0), world)
-        world = world + disp.reshape(3, -1).T.unsqueeze(0).to(torch.float64)
+        # template point q; the lattice spans a fixed 256 mm box about the brain centre (in template mm)
+        box = (world - self._centre) / (_DEFORM_BOX_MM / 2)
+        disp = F.grid_sample(lattice, box.flip(-1)[:, :, None, None], align_corners=True, padding_mode="border")
+        world = world + disp[0, :, :, 0, 0].T.unsqueeze(0)
         vox = world_to_voxel(world, self._template_affine)
         grid = voxel_to_normalized(vox, self._template.shape[2:]).to(torch.float32).reshape(1, *self.shape, 3)
         probs = F.grid_sample(self._template, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
