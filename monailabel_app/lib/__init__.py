@@ -1,0 +1,1 @@
+"""The KeyMorph MONAI Label app's library: registration through the bundle, infer tasks, train task."""

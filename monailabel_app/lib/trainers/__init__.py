@@ -1,0 +1,5 @@
+"""KeyMorph train task for MONAI Label."""
+
+from .keymorph import KeyMorphFineTune
+
+__all__ = ["KeyMorphFineTune"]

@@ -1,0 +1,583 @@
+"""The MONAI Label app (``monailabel_app/``) served by a real ``monailabel start_server`` and called over HTTP.
+
+The server runs from the ``label`` venv (``make label-install``; ``make test`` creates it and passes its path in
+``KEYMORPH_LABEL_VENV``) on 127.0.0.1 with a free port, over a studies folder of demo images; it is always stopped
+(its whole process group, which includes training subprocesses). Checks: ``/info``; the atlas segmentation against the
+known tissue labels (Dice, next to the Dice the true transform gives) and against ``python -m monai.bundle run
+inference`` on the same pair (same matrix, same label map); the alignment to the atlas; refusal of files outside the
+datastore; session images (uploads) and the errors an unusable image gets; a short fine-tuning run that starts from the
+shipped weights and is then used by inference; and MONAI Label's stock ``monaibundle`` app loading the bundle from a
+local folder. The app's library (atlas, weights) is also tested directly, without a server.
+
+Speed: the server runs with ``--conf orientation_search false`` (the bundle's default is true: 24 detector passes,
+about 30 s per pair on 2 busy CPU cores instead of about 2 s). The demo subjects are posed within 10 degrees and the
+rotated test image by 45 degrees, inside the range the shipped detector handles without the search.
+"""
+
+from __future__ import annotations
+
+import email
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom_nets import ConvNetDetector, resample
+from custom_nets.data import write_demo_data
+from custom_nets.handlers import expected_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "monailabel_app"
+BUNDLE = ROOT / "bundle"
+ATLAS_STEM = "mni152_2009a_tissue"
+SUBJECT = "sub-02_T1"  # test subject of the demo set: its labels are the truth
+ROTATED = "pair-00_sub-02_T2"  # the same subject posed by 45 degrees about an oblique axis, T2 contrast
+STUDIES = [SUBJECT, ROTATED, "sub-00_T2", "sub-01_PD"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# server and HTTP helpers
+
+
+def _label_venv() -> Path:
+    """The venv with monailabel: ``$KEYMORPH_LABEL_VENV`` (set by ``make test``; missing -> failure), else
+    ``.venv-label`` if it exists, else the module is skipped with the reason."""
+    env = os.environ.get("KEYMORPH_LABEL_VENV")
+    venv = Path(env) if env else ROOT / ".venv-label"
+    if not (venv / "bin" / "monailabel").is_file():
+        message = (
+            f"no MONAI Label venv at {venv} (expected {venv / 'bin' / 'monailabel'}); create it with "
+            "`make label-install`"
+        )
+        if env:
+            pytest.fail(f"KEYMORPH_LABEL_VENV is set but {message}.")
+        pytest.skip(f"{message}, or run the suite with `make test` (KEYMORPH_LABEL_VENV unset).")
+    return venv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 600):
+    """``(status, headers, body)`` of one request; HTTP errors are returned, not raised."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as res:
+            return res.status, dict(res.headers), res.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def http_json(method: str, url: str, payload: dict | None = None, timeout: float = 600):
+    body = json.dumps(payload).encode() if payload is not None else None
+    status, _, data = http(method, url, body, {"Content-Type": "application/json"} if body else None, timeout)
+    return status, json.loads(data) if data else None
+
+
+def multipart_parts(content_type: str, body: bytes) -> dict[str, bytes]:
+    """The named parts of a ``multipart/form-data`` response (MONAI Label's ``output=all``: params + image)."""
+    msg = email.message_from_bytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    assert msg.is_multipart(), content_type
+    return {part.get_param("name", header="content-disposition"): part.get_payload(decode=True) for part in msg.walk()}
+
+
+def multipart_body(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
+    """Encode ``{name: (file name or None, content)}`` as multipart/form-data; returns body and content type."""
+    boundary = uuid.uuid4().hex
+    out = b""
+    for name, (filename, content) in fields.items():
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Server:
+    """``monailabel start_server`` as a subprocess in its own process group, on 127.0.0.1 and a free port."""
+
+    def __init__(self, venv: Path, app: Path, studies: Path, conf: dict[str, str], log: Path, cwd: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [str(venv / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies)]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in conf.items():
+            cmd += ["--conf", key, value]
+        env = dict(os.environ)
+        env.update(
+            PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+            MONAILABEL_PYEXE=str(venv / "bin" / "python"),  # the monailabel launcher runs `python` from PATH
+            MONAI_LABEL_SESSION_PATH=str(cwd / "sessions"),
+            PYTHONWARNINGS="ignore",
+        )
+        env.pop("PYTHONPATH", None)
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"monailabel start_server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if http("GET", f"{self.url}/info/", timeout=10)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"monailabel start_server not ready after {timeout} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        """Stop the server and everything it started (same process group); SIGKILL if SIGTERM is not enough."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+            except ProcessLookupError:
+                pass
+        try:  # children (a training run) may outlive the leader
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log_file.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    return _label_venv()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("monailabel")
+
+
+@pytest.fixture(scope="module")
+def demo(work) -> Path:
+    """3 synthetic subjects at 2 mm, and one test image posed by 45 degrees (the truth is in datalist.json)."""
+    return write_demo_data(work / "demo", num_subjects=3, pixdim=2.0, test_angles=(45,), progress=False).parent
+
+
+@pytest.fixture(scope="module")
+def studies(work, demo) -> Path:
+    """The datastore: images only (MONAI Label would list label files as images too)."""
+    folder = work / "studies"
+    folder.mkdir()
+    for name in STUDIES:
+        shutil.copy(demo / f"{name}.nii.gz", folder / f"{name}.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(work) -> Path:
+    return work / "model"
+
+
+@pytest.fixture(scope="module")
+def server(venv, studies, model_dir, work):
+    srv = Server(
+        venv,
+        APP,
+        studies,
+        {"model_dir": str(model_dir), "orientation_search": "false"},
+        work / "server.log",
+        work,
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# truth
+
+
+def _truth_world_from_template(demo: Path, image: str) -> np.ndarray:
+    """Template (MNI mm) -> image world (mm) of a demo image, 4 x 4."""
+    datalist = json.loads((demo / "datalist.json").read_text())
+    entries = {e["image"]: e for split in ("training", "validation", "test") for e in datalist[split]}
+    if f"{image}.nii.gz" in entries:
+        return np.asarray(entries[f"{image}.nii.gz"]["world_from_template"])
+    pair = next(p for p in datalist["test_pairs"] if p["moving_image"] == f"{image}.nii.gz")
+    fixed = np.asarray(entries[pair["fixed_image"]]["world_from_template"])
+    return np.asarray(pair["fixed_to_moving_ras"]) @ fixed  # fixed world -> moving world, after template -> fixed
+
+
+def _label_of(demo: Path, image: str) -> Path:
+    return demo / f"{image.rsplit('_', 1)[0]}_label.nii.gz"
+
+
+def _dice(a: np.ndarray, b: np.ndarray, values=(1, 2, 3)) -> list[float]:
+    return [float(2 * ((a == v) & (b == v)).sum() / max(1, (a == v).sum() + (b == v).sum())) for v in values]
+
+
+def _atlas_labels_through(model_dir: Path, like: nib.Nifti1Image, subject_to_atlas: np.ndarray) -> np.ndarray:
+    """The atlas labels resampled (nearest) onto the grid of ``like`` through a subject -> atlas world matrix."""
+    atlas = nib.load(str(model_dir / "atlas" / f"{ATLAS_STEM}_label.nii.gz"))
+    lab = torch.as_tensor(np.asarray(atlas.dataobj, dtype=np.float32))[None, None]
+    out = resample(
+        lab,
+        torch.as_tensor(subject_to_atlas, dtype=torch.float64)[None],
+        like.shape,
+        torch.as_tensor(like.affine),
+        torch.as_tensor(atlas.affine),
+        mode="nearest",
+    )
+    return out[0, 0].numpy()
+
+
+def _mean_error_mm(points_world: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    ph = np.c_[points_world, np.ones(len(points_world))]
+    return float(np.linalg.norm((ph @ a.T - ph @ b.T)[:, :3], axis=1).mean())
+
+
+def _brain_points(label_file: Path) -> np.ndarray:
+    img = nib.load(str(label_file))
+    vox = np.argwhere(np.asarray(img.dataobj) > 0)[::7].astype(np.float64)
+    return vox @ img.affine[:3, :3].T + img.affine[:3, 3]
+
+
+def _infer(server: Server, model: str, image: str, output: str = "all") -> tuple[int, dict, bytes]:
+    q = urllib.parse.urlencode({"image": image, "output": output})
+    return http("POST", f"{server.url}/infer/{model}?{q}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the app's library without a server (lib/registration.py imports no MONAI Label: it runs in this venv)
+
+
+@pytest.fixture(scope="module")
+def registration_lib():
+    spec = importlib.util.spec_from_file_location("keymorph_label_registration", APP / "lib" / "registration.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_bool(registration_lib):
+    for value, expected in ((True, True), ("false", False), ("Yes", True), (0, False), ("1", True)):
+        assert registration_lib.parse_bool(value, "x") is expected
+    with pytest.raises(ValueError, match="x: expected a boolean"):
+        registration_lib.parse_bool("maybe", "x")
+
+
+def test_user_atlas_is_checked_and_named(registration_lib, tmp_path):
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image, label, other = tmp_path / "a.nii.gz", tmp_path / "a_label.nii.gz", tmp_path / "b_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32), affine), str(image))
+    lab = np.zeros((8, 9, 10), np.uint8)
+    lab[2:4], lab[5:7] = 1, 3
+    nib.save(nib.Nifti1Image(lab, affine), str(label))
+    nib.save(nib.Nifti1Image(lab[:, :, :9], affine), str(other))
+    atlas = registration_lib.load_atlas(image, label)
+    assert atlas.name == "a" and atlas.labels == {"label_1": 1, "label_3": 3}
+    assert registration_lib.load_atlas(image, label, '{"csf": 1, "wm": 3}', "mine").labels == {"csf": 1, "wm": 3}
+    with pytest.raises(ValueError, match=r"absent: \[2\]"):
+        registration_lib.load_atlas(image, label, "x, y, z")  # names for 1, 2, 3; the map has 1 and 3
+    with pytest.raises(ValueError, match=r"unnamed: \[3\]"):
+        registration_lib.load_atlas(image, label, {"x": 1})
+    with pytest.raises(ValueError, match="on the image's grid"):
+        registration_lib.load_atlas(image, other)
+    with pytest.raises(FileNotFoundError, match="no such atlas label file"):
+        registration_lib.load_atlas(image, tmp_path / "missing.nii.gz")
+
+
+def test_weight_store_publishes_verified_weights(registration_lib, tmp_path):
+    from custom_nets.handlers import WeightsIntegrityError
+
+    store = registration_lib.WeightStore(BUNDLE, tmp_path / "model")
+    assert store.current().kind == "shipped" and store.finetuned() is None
+    assert registration_lib.verify_weights(store.shipped, BUNDLE) == expected_sha256(
+        BUNDLE / "models/model.pt", BUNDLE / "large_files.yml"
+    )
+    run = tmp_path / "model" / "train" / "r1"
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"weights")
+    published = store.publish(run / "model.pt", {"iterations": 3})
+    current = store.current()
+    assert current.kind == "finetuned" and current.name == "train/r1/model.pt" and current.sha256 == published.sha256
+    assert store.current(use_finetuned=False).kind == "shipped"
+    assert registration_lib.verify_weights(current, BUNDLE) == current.sha256
+    (run / "model.pt").write_bytes(b"changed")
+    with pytest.raises(WeightsIntegrityError, match="does not match"):
+        registration_lib.verify_weights(current, BUNDLE)
+    with pytest.raises(ValueError, match="inside"):
+        store.publish(tmp_path / "elsewhere.pt", {})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the server
+
+
+def test_info_lists_the_registration_tasks(server):
+    status, info = http_json("GET", f"{server.url}/info/")
+    assert status == 200
+    seg, align = info["models"]["keymorph_atlas_seg"], info["models"]["keymorph_align"]
+    assert seg["type"] == "segmentation" and seg["labels"] == {"csf": 1, "gm": 2, "wm": 3}
+    assert seg["config"]["orientation_search"] is False  # --conf orientation_search false
+    assert align["type"] == "others"
+    assert info["atlas"]["name"] == ATLAS_STEM and info["atlas"]["shape"] == [197, 233, 189]
+    assert "keymorph" in info["trainers"] and info["trainers"]["keymorph"]["config"]["max_epochs"] >= 1
+    assert info["datastore"]["total"] == len(STUDIES)
+
+
+def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, studies, model_dir, work):
+    status, headers, body = _infer(server, "keymorph_atlas_seg", SUBJECT)
+    assert status == 200, body[:2000]
+    parts = multipart_parts(headers["content-type"], body)
+    result = json.loads(parts["params"])
+    label_file = work / "seg.nii.gz"
+    label_file.write_bytes(parts["image"])
+
+    # the label is on the subject's own grid, and holds the atlas' tissue classes
+    subject = nib.load(str(studies / f"{SUBJECT}.nii.gz"))
+    label = nib.load(str(label_file))
+    assert label.shape == subject.shape and np.allclose(label.affine, subject.affine)
+    pred = np.asarray(label.dataobj)
+    assert set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
+
+    # Dice against the subject's true tissue labels, next to the atlas propagated by the true transform (the best an
+    # affine registration can do: the subject's anatomy is a non-linear deformation of the template) and by none
+    truth = np.asarray(nib.load(str(_label_of(demo, SUBJECT))).dataobj)
+    world_from_template = _truth_world_from_template(demo, SUBJECT)
+    oracle = _atlas_labels_through(model_dir, subject, np.linalg.inv(world_from_template))
+    identity = _atlas_labels_through(model_dir, subject, np.eye(4))
+    dice, dice_oracle, dice_identity = (np.mean(_dice(x, truth)) for x in (pred, oracle, identity))
+    assert dice > dice_oracle - 0.1 and dice > dice_identity + 0.15, (dice, dice_oracle, dice_identity)
+    assert _dice(pred > 0, truth > 0, (True,))[0] > 0.93
+
+    # the JSON: the bundle's record (matrices in RAS mm, keypoints), the roles, the shipped weights
+    assert result["roles"] == {"fixed": "subject", "moving": "atlas"} and result["subject"] == f"{SUBJECT}.nii.gz"
+    assert result["transform_type"] == "affine" and len(result["keypoints_fixed_ras_mm"]) == 64
+    assert result["weights"]["kind"] == "shipped"
+    assert result["weights"]["sha256"] == expected_sha256(BUNDLE / "models/model.pt", BUNDLE / "large_files.yml")
+    assert result["label_names"] == {"csf": 1, "gm": 2, "wm": 3}
+    f2m = np.asarray(result["fixed_to_moving_ras"])
+    assert np.allclose(f2m @ np.asarray(result["moving_to_fixed_ras"]), np.eye(4), atol=1e-5)
+    assert "AffineTransform" in result["itk_transform_tfm"]
+    error = _mean_error_mm(_brain_points(_label_of(demo, SUBJECT)), f2m, np.linalg.inv(world_from_template))
+    print(
+        f"{SUBJECT}: mean tissue Dice {dice:.3f} (true transform {dice_oracle:.3f}, none {dice_identity:.3f}); "
+        f"transform error {error:.2f} mm"
+    )
+    assert error < 5.0, error
+
+    # the same pair through the bundle's own command line gives the same matrix and label map
+    out = work / "cli"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            "configs/inference.json",
+            "--moving",
+            str(model_dir / "atlas" / f"{ATLAS_STEM}_t1.nii.gz"),
+            "--moving_label",
+            str(model_dir / "atlas" / f"{ATLAS_STEM}_label.nii.gz"),
+            "--fixed",
+            str(studies / f"{SUBJECT}.nii.gz"),
+            "--output_dir",
+            str(out),
+            "--orientation_search",
+            "False",
+            "--write_png",
+            "False",
+        ],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cli = json.loads((out / f"{ATLAS_STEM}_t1.json").read_text())
+    # (this venv's torch may differ from the server's: float32 rounding only)
+    for key in ("fixed_to_moving_ras", "moving_to_fixed_ras", "keypoints_fixed_ras_mm", "keypoints_moving_ras_mm"):
+        assert np.abs(np.asarray(cli[key]) - np.asarray(result[key])).max() < 1e-3, key
+    cli_label = np.asarray(nib.load(str(out / f"{ATLAS_STEM}_t1_label_warped.nii.gz")).dataobj)
+    assert (cli_label == pred).mean() > 0.999
+
+
+def test_atlas_segmentation_of_a_rotated_other_contrast_image(server, demo, studies, model_dir, work):
+    status, _, body = _infer(server, "keymorph_atlas_seg", ROTATED, output="image")
+    assert status == 200, body[:2000]
+    (work / "seg_rotated.nii.gz").write_bytes(body)
+    pred = np.asarray(nib.load(str(work / "seg_rotated.nii.gz")).dataobj)
+    subject = nib.load(str(studies / f"{ROTATED}.nii.gz"))
+    truth = np.asarray(nib.load(str(_label_of(demo, ROTATED))).dataobj)
+    oracle = _atlas_labels_through(model_dir, subject, np.linalg.inv(_truth_world_from_template(demo, ROTATED)))
+    identity = _atlas_labels_through(model_dir, subject, np.eye(4))
+    dice, dice_oracle, dice_identity = (np.mean(_dice(x, truth)) for x in (pred, oracle, identity))
+    print(f"{ROTATED}: mean tissue Dice {dice:.3f} (true transform {dice_oracle:.3f}, none {dice_identity:.3f})")
+    assert dice > dice_oracle - 0.12 and dice > dice_identity + 0.2, (dice, dice_oracle, dice_identity)
+
+
+def test_alignment_returns_the_subject_in_atlas_space(server, demo, studies, model_dir, work):
+    status, headers, body = _infer(server, "keymorph_align", SUBJECT)
+    assert status == 200, body[:2000]
+    parts = multipart_parts(headers["content-type"], body)
+    result = json.loads(parts["params"])
+    (work / "aligned.nii.gz").write_bytes(parts["image"])
+    aligned = nib.load(str(work / "aligned.nii.gz"))
+    atlas = nib.load(str(model_dir / "atlas" / f"{ATLAS_STEM}_t1.nii.gz"))
+    assert aligned.shape == atlas.shape and np.allclose(aligned.affine, atlas.affine)
+    assert result["roles"] == {"moving": "subject", "fixed": "atlas"}
+    # fixed_to_moving maps atlas (template) points to subject points: the demo's world_from_template
+    f2m = np.asarray(result["fixed_to_moving_ras"])
+    truth = _truth_world_from_template(demo, SUBJECT)
+    error = _mean_error_mm(_brain_points(model_dir / "atlas" / f"{ATLAS_STEM}_label.nii.gz"), f2m, truth)
+    print(f"alignment of {SUBJECT}: transform error {error:.2f} mm")
+    assert error < 5.0, error
+    # the image is the subject resampled through that matrix
+    subject = nib.load(str(studies / f"{SUBJECT}.nii.gz"))
+    expected = resample(
+        torch.as_tensor(np.asarray(subject.dataobj, dtype=np.float32))[None, None],
+        torch.as_tensor(f2m)[None],
+        atlas.shape,
+        torch.as_tensor(atlas.affine),
+        torch.as_tensor(subject.affine),
+    )[0, 0].numpy()
+    data = np.asarray(aligned.dataobj, dtype=np.float32)
+    assert np.abs(data - expected).max() < 1e-3 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_requests_for_files_outside_the_datastore_are_refused(server, demo):
+    outside = str(demo / "sub-01_T1.nii.gz")  # exists on the server, not in the datastore
+    status, _, body = _infer(server, "keymorph_atlas_seg", outside, output="json")
+    assert status == 403 and "not in the datastore" in json.loads(body)["detail"]
+    # the same path relative to the server's working folder, and smuggled in through params
+    status, _, _ = _infer(server, "keymorph_align", "demo/sub-01_T1.nii.gz", output="json")
+    assert status == 403
+    form, ctype = multipart_body({"params": (None, json.dumps({"image": outside}).encode())})
+    q = urllib.parse.urlencode({"image": SUBJECT, "output": "json"})
+    status, _, _ = http("POST", f"{server.url}/infer/keymorph_atlas_seg?{q}", form, {"Content-Type": ctype})
+    assert status == 403
+    # an uploaded file is a temporary file of the server: also refused (clients use datastore or session images)
+    form, ctype = multipart_body({"file": ("x.nii.gz", (demo / "sub-01_T1.nii.gz").read_bytes())})
+    status, _, _ = http("POST", f"{server.url}/infer/keymorph_atlas_seg?output=json", form, {"Content-Type": ctype})
+    assert status == 403
+    status, _, body = _infer(server, "keymorph_atlas_seg", "no_such_image", output="json")
+    assert status == 404 and "no image" in json.loads(body)["detail"]
+
+
+def test_session_images_are_served_and_unusable_images_explained(server, demo, work):
+    """Images a client uploads as a MONAI Label session (what Slicer does with a local volume) are accepted; an image
+    that cannot be registered gets HTTP 422 saying why."""
+
+    def session(path: Path) -> str:
+        form, ctype = multipart_body({"files": (path.name, path.read_bytes())})
+        status, _, body = http("PUT", f"{server.url}/session/", form, {"Content-Type": ctype})
+        assert status == 200, body[:2000]
+        return json.loads(body)["session_id"]
+
+    sid = session(demo / "sub-01_T1.nii.gz")
+    status, _, body = http("POST", f"{server.url}/infer/keymorph_atlas_seg?session_id={sid}&output=json")
+    assert status == 200, body[:2000]
+    assert json.loads(body)["subject"] == "sub-01_T1.nii.gz"
+    constant = work / "constant.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((24, 24, 24), 7.0, np.float32), np.diag([4.0, 4.0, 4.0, 1.0])), str(constant))
+    status, _, body = http("POST", f"{server.url}/infer/keymorph_atlas_seg?session_id={session(constant)}&output=json")
+    assert status == 422, body[:2000]
+    assert "constant" in json.loads(body)["detail"]
+    form, ctype = multipart_body({"params": (None, json.dumps({"orientation_search": "maybe"}).encode())})
+    q = urllib.parse.urlencode({"image": SUBJECT, "output": "json"})
+    status, _, body = http("POST", f"{server.url}/infer/keymorph_align?{q}", form, {"Content-Type": ctype})
+    assert status == 400 and "orientation_search" in json.loads(body)["detail"]
+
+
+def test_training_fine_tunes_from_the_shipped_weights(server, model_dir):
+    status, task = http_json("POST", f"{server.url}/train/keymorph", {"max_epochs": 1, "epoch_length": 2})
+    assert status == 200, task
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status, task = http_json("GET", f"{server.url}/train/")
+        if task["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])) + "\n" + server.tail()
+    record = json.loads((model_dir / "finetuned.json").read_text())
+    shipped_sha = expected_sha256(BUNDLE / "models/model.pt", BUNDLE / "large_files.yml")
+    assert record["iterations"] == 2 and record["init_weights"] == "shipped" and record["init_sha256"] == shipped_sha
+    weights_file = model_dir / record["weights"]
+    tuned = torch.load(weights_file, weights_only=True)
+    shipped = torch.load(BUNDLE / "models/model.pt", weights_only=True)
+    assert set(tuned) == set(shipped)
+    # started from the shipped weights: two small steps away from them, unlike a fresh network
+    detector = ConvNetDetector(num_keypoints=64, channels=(16, 32, 32, 64, 64, 128, 128), pool_after=(1, 3, 5))
+    fresh = {f"detector.{k}": v for k, v in detector.state_dict().items()}
+    conv = [k for k in shipped if k.endswith("weight") and shipped[k].ndim == 5]
+
+    def distance(state: dict) -> float:
+        """Relative distance of the convolution weights from the shipped ones."""
+        diff = sum(float((state[k].float() - shipped[k].float()).norm()) for k in conv)
+        return diff / sum(float(shipped[k].float().norm()) for k in conv)
+
+    print(f"relative distance from the shipped weights: fine-tuned {distance(tuned):.2e}, fresh {distance(fresh):.2f}")
+    assert 0 < distance(tuned) < 0.05 and distance(fresh) > 0.5, (distance(tuned), distance(fresh))
+    # published: /info reports it, and inference now uses these weights (digest checked when loaded)
+    status, info = http_json("GET", f"{server.url}/info/")
+    assert info["train_stats"]["keymorph"]["sha256"] == record["sha256"]
+    status, _, body = _infer(server, "keymorph_atlas_seg", SUBJECT, output="json")
+    assert status == 200, body[:2000]
+    assert json.loads(body)["weights"] == {"kind": "finetuned", "file": record["weights"], "sha256": record["sha256"]}
+
+
+def test_stock_monaibundle_app_loads_the_bundle(venv, studies, work):
+    """MONAI Label's own ``monaibundle`` sample app serves the bundle from ``<app>/model/<name>/``."""
+    apps = work / "apps"
+    res = subprocess.run(
+        [str(venv / "bin" / "monailabel"), "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"),
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    name = "keymorph_brain_registration"
+    (apps / "monaibundle" / "model").mkdir(exist_ok=True)
+    (apps / "monaibundle" / "model" / name).symlink_to(BUNDLE, target_is_directory=True)
+    conf = {"models": name, "zoo_source": "github", "sam2": "false"}  # github: local bundles; sam2 would download
+    srv = Server(venv, apps / "monaibundle", studies, conf, work / "stock_server.log", work)
+    try:
+        srv.wait_ready()
+        status, info = http_json("GET", f"{srv.url}/info/")
+        assert status == 200
+        assert info["models"][name]["version"] == json.loads((BUNDLE / "configs/metadata.json").read_text())["version"]
+        assert name in info["trainers"]
+    finally:
+        srv.stop()
