@@ -4,21 +4,41 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build on this machine; set TORCH="torch" (or a CUDA wheel spec) for a GPU install.
 TORCH ?= torch==2.13.0
+# The MONAI Label app (monailabel_app/) runs in its own venv: monailabel needs torchvision and older numpy / pydicom
+# (setup.cfg extra "label" holds the versions that install together).
+LABEL_VENV ?= .venv-label
+LABEL_PY := $(LABEL_VENV)/bin/python
+STUDIES ?= studies
+LABEL_PORT ?= 8000
 
-.PHONY: install test demo release clean
+.PHONY: install label-install label-serve test demo release clean bench bench-quick bench-memory
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,data]"
+	$(PY) -m pip install --quiet -e ".[test,data,bench]"
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
-	$(PY) -m ruff check custom_nets tests
-	$(PY) -m pytest -q tests
+$(LABEL_VENV)/.installed: setup.cfg pyproject.toml Makefile
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --quiet --upgrade pip
+	$(LABEL_PY) -m pip install --quiet -e ".[label]"
+	touch $@
+
+label-install: $(LABEL_VENV)/.installed
+
+# Serve the MONAI Label app on 127.0.0.1:$(LABEL_PORT) over the NIfTI images in $(STUDIES).
+label-serve: label-install
+	PATH="$(abspath $(LABEL_VENV))/bin:$$PATH" monailabel start_server --app monailabel_app --studies $(STUDIES) \
+		--host 127.0.0.1 --port $(LABEL_PORT)
+
+# tests/test_monailabel.py starts the MONAI Label server from $(LABEL_VENV) (it fails if that venv is missing).
+test: install label-install
+	$(PY) -m ruff check custom_nets tests monailabel_app benchmarks
+	KEYMORPH_LABEL_VENV="$(abspath $(LABEL_VENV))" $(PY) -m pytest -q tests
 
 demo: install
 	$(PY) -m custom_nets demo_data --out_dir demo_data
@@ -26,9 +46,20 @@ demo: install
 		--dataset_dir ../demo_data --output_dir ../demo_out
 	$(PY) -m custom_nets score --results demo_out --datalist demo_data/datalist.json
 
+# KeyMorph (+ refinement) against ANTs and elastix on the same held-out pairs: table.md, robustness.png in bench_out/.
+bench: install
+	$(PY) benchmarks/bench_registration.py main --mode full --out_dir bench_out
+
+bench-quick: install
+	$(PY) benchmarks/bench_registration.py main --mode quick --out_dir bench_out_quick
+
+# Peak resident memory of the bundle's inference on a 1 mm 256^3 pair, and over 50 consecutive pairs (prints figures).
+bench-memory: install
+	$(PY) benchmarks/bench_memory.py --pairs 50
+
 # Refresh bundle/large_files.yml (SHA-256 of bundle/models/model.pt) and pack dist/<bundle>_v<version>.zip.
 release: install
 	$(PY) -m custom_nets release --bundle_dir bundle --out_dir dist
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache demo_data demo_out
+	rm -rf $(VENV) $(LABEL_VENV) build *.egg-info .pytest_cache demo_data demo_out

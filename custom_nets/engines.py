@@ -9,20 +9,29 @@ DistributedDataParallel, events and handlers all work unchanged) through three p
   ``(KeyMorphOutput, targets)``;
 * :class:`RegistrationMetricsd` is the evaluator's ``postprocessing``: per-pair error in mm against the ground truth,
   warped labels and Dice.
+
+Batch inference isolates failures in the same stock engine: :class:`~custom_nets.data.FailSafeDataset` turns a pair
+that cannot be loaded into a failure record, :class:`KeyMorphPrepareBatch` passes such records through (and a batch
+with nothing left to register as ``None`` inputs), :class:`FailSafeInferer` turns a pair the network cannot register
+(or registers to NaN) into a :class:`RegistrationFailure`, and :class:`~custom_nets.handlers.RegistrationWriter`
+records every failure and writes the others.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import Inferer
 from monai.metrics import compute_dice
 from monai.transforms import Transform
 from torch import nn
 
+from .data.datasets import FAILURES_KEY
 from .fits import ThinPlateSpline
 from .geometry import apply_affine, as_tensor, batch_affine, voxel_grid, voxel_to_world
 from .keymorph import KeyMorphOutput
@@ -30,6 +39,9 @@ from .losses import warp_target_labels
 
 __all__ = [
     "KeyMorphPrepareBatch",
+    "FailSafeInferer",
+    "RegistrationFailure",
+    "nonfinite_items",
     "RegistrationMetricsd",
     "KeypointPretrainLoss",
     "reference_keypoints",
@@ -52,6 +64,10 @@ class KeyMorphPrepareBatch:
     ``moving_label``, ``fixed_label``, ``fixed_to_moving`` (ground truth) and ``moving_image_alt``. The network is
     called as ``network(moving, fixed, moving_affine=..., fixed_affine=..., [transform_type=..., tps_lambda=...,
     moving_alt=...])``; ``targets`` holds the fixed image, affines, labels and ground truth for the loss and metrics.
+
+    A batch from :func:`~custom_nets.data.collate_pairs` may list items that failed to load under ``failures``: they
+    are passed on in ``targets["failures"]``; if no item of the batch loaded, the inputs are ``None`` (which
+    :class:`FailSafeInferer` passes through without calling the network).
 
     Args:
         transform_type: override the network's transform type (``rigid`` / ``affine`` / ``tps``).
@@ -76,7 +92,10 @@ class KeyMorphPrepareBatch:
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
-    ) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor], dict[str, Any]]:
+    ) -> tuple[torch.Tensor | None, dict[str, Any], tuple[torch.Tensor, ...], dict[str, Any]]:
+        failures = list(batchdata.get(FAILURES_KEY) or []) if isinstance(batchdata, Mapping) else []
+        if failures and "moving_image" not in batchdata and "fixed_image" not in batchdata:
+            return None, {FAILURES_KEY: failures}, (), {}
         for key in ("moving_image", "fixed_image"):
             if key not in batchdata:
                 raise KeyError(f"KeyMorphPrepareBatch: the batch has no '{key}' (keys: {sorted(batchdata)}).")
@@ -90,6 +109,8 @@ class KeyMorphPrepareBatch:
         moving, fixed = move(raw_m).float(), move(raw_f).float()
         a_m, a_f = _affine_of(raw_m, b, device), _affine_of(raw_f, b, device)
         targets: dict[str, Any] = {"fixed_image": fixed, "fixed_affine": a_f, "moving_affine": a_m}
+        if failures:
+            targets[FAILURES_KEY] = failures
         for key in ("fixed_label", "moving_label"):
             if isinstance(batchdata.get(key), torch.Tensor):  # (paths, as in inference, stay in the batch)
                 targets[key] = move(batchdata[key])
@@ -106,7 +127,97 @@ class KeyMorphPrepareBatch:
             kwargs["tps_lambda"] = float(self.tps_lambda)
         if self.use_alt and batchdata.get("moving_image_alt") is not None:
             kwargs["moving_alt"] = move(batchdata["moving_image_alt"]).float()
+        refine_m, refine_f = batchdata.get("refine_moving"), batchdata.get("refine_fixed")
+        if isinstance(refine_m, torch.Tensor) and isinstance(refine_f, torch.Tensor):  # finer images to refine on
+            kwargs["refine_moving"], kwargs["refine_fixed"] = move(refine_m).float(), move(refine_f).float()
+            kwargs["refine_moving_affine"] = _affine_of(refine_m, b, device)
+            kwargs["refine_fixed_affine"] = _affine_of(refine_f, b, device)
         return moving, targets, (fixed,), kwargs
+
+
+@dataclass
+class RegistrationFailure:
+    """A pair that produced no result: the stage that failed (``load``, ``register`` or ``write``) and the error."""
+
+    stage: str
+    error: str
+
+
+def _finite_per_item(x: Any, batch: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.shape[0] != batch:
+        return torch.ones(batch, dtype=torch.bool)
+    return torch.isfinite(x.detach().reshape(batch, -1)).all(1).cpu()
+
+
+def nonfinite_items(out: KeyMorphOutput | torch.Tensor) -> list[int]:
+    """Batch items of a :class:`~custom_nets.keymorph.KeyMorphOutput` with a NaN / Inf transform, keypoint, weight or
+    warped voxel (such an item must not be written as a result); for a plain tensor output, items with a NaN / Inf."""
+    if isinstance(out, torch.Tensor):
+        ok = _finite_per_item(out, int(out.shape[0])) if out.ndim else torch.isfinite(out).reshape(1)
+        return [i for i in range(len(ok)) if not ok[i]]
+    batch = int(out.keypoints_fixed.shape[0])
+    ok = torch.ones(batch, dtype=torch.bool)
+    parts: list[Any] = [out.warped, out.keypoints_fixed, out.keypoints_moving, out.weights]
+    for t in (out.fixed_to_moving, out.moving_to_fixed):
+        if isinstance(t, ThinPlateSpline):
+            parts += [t.control, t.kernel_coeffs, t.affine_coeffs]
+        else:
+            parts.append(t)
+    for part in parts:
+        ok &= _finite_per_item(part, batch)
+    return [i for i in range(batch) if not ok[i]]
+
+
+def _item(x: Any, i: int, batch: int) -> Any:
+    """Batch item ``i`` (kept as a batch of one) of a tensor with a leading batch axis; anything else unchanged."""
+    if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch:
+        return x[i : i + 1]
+    return x
+
+
+class FailSafeInferer(Inferer):
+    """Run the network on a batch of pairs so that a pair that cannot be registered does not fail the others.
+
+    The network is called once on the whole batch. If that raises, or gives a NaN / Inf result for some item (see
+    :func:`nonfinite_items`), the items are run one by one and each one that raises or is non-finite becomes a
+    :class:`RegistrationFailure` with the error. ``None`` inputs (no pair of the batch could be loaded) give ``[]``
+    without calling the network.
+
+    Returns:
+        The network output (a :class:`~custom_nets.keymorph.KeyMorphOutput`) when every item succeeded, else a list
+        with, for each batch item, its one-item ``KeyMorphOutput`` or a :class:`RegistrationFailure`.
+    """
+
+    def __call__(self, inputs: torch.Tensor | None, network: Any, *args: Any, **kwargs: Any) -> Any:
+        if inputs is None:
+            return []
+        batch = int(inputs.shape[0])
+        try:
+            out = network(inputs, *args, **kwargs)
+            if not nonfinite_items(out):
+                return out
+        except Exception:  # isolated below, item by item, where the message is kept
+            if batch == 1:
+                return [self._run_item(network, inputs, args, kwargs, 0, 1)]
+        return [self._run_item(network, inputs, args, kwargs, i, batch) for i in range(batch)]
+
+    @staticmethod
+    def _run_item(
+        network: Any, inputs: torch.Tensor, args: Sequence[Any], kwargs: Mapping[str, Any], i: int, batch: int
+    ) -> Any:
+        try:
+            out = network(
+                _item(inputs, i, batch),
+                *(_item(a, i, batch) for a in args),
+                **{k: _item(v, i, batch) for k, v in kwargs.items()},
+            )
+        except Exception as err:  # recorded as this pair's failure
+            return RegistrationFailure("register", f"{type(err).__name__}: {err}")
+        if nonfinite_items(out):
+            return RegistrationFailure(
+                "register", "the registration gave a non-finite (NaN / Inf) transform, keypoints or warped image"
+            )
+        return out
 
 
 def _apply(transform: torch.Tensor | ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .engines import SUCCESS_MM
+from .data.datasets import FAILURE_KEY, FAILURES_KEY
+from .engines import SUCCESS_MM, RegistrationFailure
 from .fits import ThinPlateSpline
 from .geometry import resample
 from .io import atomic_write, save_registration_png, sha256_file, write_itk_affine, write_json
@@ -34,8 +35,11 @@ __all__ = [
     "ProgressBar",
     "RegistrationReport",
     "RegistrationWriter",
+    "RegistrationFailuresError",
+    "NonFiniteStateError",
     "find_checkpoints",
     "output_stem",
+    "state_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,52 @@ def _state_of(obj: Any) -> Any:
     if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
         obj = obj.module
     return obj.state_dict()
+
+
+class NonFiniteStateError(RuntimeError):
+    """Training state with NaN / Inf values, which :class:`AtomicCheckpointSaver` refuses to write."""
+
+
+def _nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors of a (nested) state dict that hold NaN or Inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix or "tensor"] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, Mapping):
+        return [n for k, v in state.items() for n in _nonfinite_entries(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in _nonfinite_entries(v, f"{prefix}[{i}]")]
+    return []
+
+
+def _fingerprint_update(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, Mapping):
+        digest.update(b"{")
+        for k in sorted(obj, key=str):
+            digest.update(f"{type(k).__name__}:{k}=".encode())
+            _fingerprint_update(digest, obj[k])
+        digest.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"[")
+        for v in obj:
+            _fingerprint_update(digest, v)
+        digest.update(b"]")
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def state_fingerprint(state: Any) -> str:
+    """SHA-256 (first 16 hex digits) of a nested state dict's content: keys, tensor dtypes, shapes and bytes, and
+    scalar values. Equal fingerprints mean equal states; :class:`ResumeFromCheckpoint` logs the fingerprint of what
+    it restored, so a resumed run can be checked against the checkpoint file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    _fingerprint_update(digest, state)
+    return digest.hexdigest()[:16]
 
 
 class AtomicCheckpointSaver:
@@ -69,6 +119,11 @@ class AtomicCheckpointSaver:
             improves (higher is better).
         engine_key: also save the attached engine's state (epoch, iteration) under this key (``None``: do not);
             configs cannot reference the trainer from its own handler list, hence this.
+
+    Raises:
+        NonFiniteStateError: when asked to save weights or optimizer state holding NaN / Inf (training diverged):
+            the run stops there, naming the tensors, and the earlier checkpoints are kept instead of being rotated
+            out by useless ones.
     """
 
     def __init__(
@@ -117,6 +172,13 @@ class AtomicCheckpointSaver:
 
     def _write(self, path: Path) -> Path:
         state = self.state()
+        bad = _nonfinite_entries(state)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteStateError(
+                f"{path}: refusing to save a checkpoint with NaN / Inf values in {shown} (training diverged); the "
+                "previous checkpoints are kept."
+            )
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         logger.info("saved %s", path)
         return path
@@ -154,8 +216,14 @@ class ResumeFromCheckpoint:
 
     Checkpoints are loaded with ``weights_only=True``. A checkpoint that cannot be read (corrupt, truncated, not a
     checkpoint) is reported by name in a warning and skipped for the next newest one; if every checkpoint is
-    unreadable, the run stops with an error listing them. The configured ``max_epochs`` and learning rates win over
-    the saved ones, so a finished run can be extended by raising ``max_epochs`` and continued with a lower rate.
+    unreadable, the run stops with an error listing them. Temporary files of an interrupted save (``.tmp-*``, left
+    when a run is killed while :func:`~custom_nets.io.atomic_write` is writing) are removed first; they are never
+    mistaken for checkpoints. The configured ``max_epochs`` and learning rates win over the saved ones, so a finished
+    run can be extended by raising ``max_epochs`` and continued with a lower rate.
+
+    The log line of a resume gives the :func:`state_fingerprint` of the restored state (every object of
+    ``load_dict`` but the engine, after loading): with an unchanged learning rate it equals the fingerprint of the
+    checkpoint file's content, which is how a resumed run can be checked to continue from exactly the saved state.
 
     Args:
         save_dir: folder of :class:`AtomicCheckpointSaver` checkpoints.
@@ -186,6 +254,10 @@ class ResumeFromCheckpoint:
             engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        folder = Path(self.save_dir)
+        for stale in sorted(folder.glob(".tmp-*")) if folder.is_dir() else []:
+            logger.warning("removing %s, a temporary file left by an interrupted checkpoint save", stale)
+            stale.unlink(missing_ok=True)
         candidates = find_checkpoints(self.save_dir, self.prefix)
         if not candidates:
             return
@@ -212,7 +284,14 @@ class ResumeFromCheckpoint:
             if max_epochs is not None and engine.state.max_epochs != max_epochs:
                 engine.state.max_epochs = max_epochs
             self.loaded_from = path
-            logger.info("resumed from %s at iteration %d", path, engine.state.iteration)
+            restored = {k: _state_of(v) for k, v in self.load_dict.items() if k != self.engine_key}
+            logger.info(
+                "resumed from %s at iteration %d (restored %s, state fingerprint %s)",
+                path,
+                engine.state.iteration,
+                "+".join(sorted(restored)),
+                state_fingerprint(restored),
+            )
             return
         raise RuntimeError(
             "every checkpoint is unreadable, refusing to start from scratch over them:\n" + "\n".join(problems)
@@ -480,11 +559,29 @@ def output_stem(path: str) -> str:
     return re.sub(r"\.nii(\.gz)?$|\.mgz$|\.nrrd$", "", name, flags=re.IGNORECASE)
 
 
-def _load_volume(path: str) -> nib.Nifti1Image:
-    img = nib.load(path)
+def _load_volume(path: str) -> Any:
+    """Open an image with nibabel (data stays on disk until read); a 4D file holding one volume is squeezed to 3D.
+
+    Raises:
+        ValueError: naming the file, if it cannot be read or is not a 3D volume.
+    """
+    try:
+        img = nib.load(path)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from err
+    if len(img.shape) > 3 and all(n == 1 for n in img.shape[3:]):
+        img = nib.funcs.squeeze_image(img)
     if len(img.shape) != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}.")
     return img
+
+
+def _read_volume(img: Any, path: str) -> np.ndarray:
+    """The voxels of a nibabel image as float32 (errors, e.g. truncated data, name the file)."""
+    try:
+        return np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the image data ({type(err).__name__}: {err}).") from err
 
 
 def resample_to_image(
@@ -512,8 +609,13 @@ def resample_to_image(
     return out
 
 
+class RegistrationFailuresError(RuntimeError):
+    """Some pairs of an inference run could not be registered (the others were written); see ``failures.json``."""
+
+
 class RegistrationWriter:
-    """Write every registered pair of an inference run, at the original images' full resolution.
+    """Write every registered pair of an inference run, at the original images' full resolution, and account for
+    every pair that could not be registered.
 
     For each pair, named after the moving image ``<stem>``, in ``output_dir``:
 
@@ -524,47 +626,167 @@ class RegistrationWriter:
     * ``<stem>.tfm``: ITK transform (LPS) that SimpleITK / ANTs / 3D Slicer apply to the original images;
     * ``<stem>.png``: keypoints over orthogonal slices of both images and the overlay after registration.
 
-    Every file is written atomically. The engine output ``pred`` is a :class:`~custom_nets.keymorph.KeyMorphOutput`
-    computed on the preprocessed images; as its transforms are in world mm, they apply to the originals exactly.
+    Every file is written atomically, and ``<stem>.json`` last: a pair whose JSON exists is complete. The engine
+    output ``pred`` is a :class:`~custom_nets.keymorph.KeyMorphOutput` computed on the preprocessed images; as its
+    transforms are in world mm, they apply to the originals exactly.
+
+    Failures are isolated per pair: a pair that could not be loaded (a failure record of
+    :class:`~custom_nets.data.FailSafeDataset` in the batch's ``failures``), registered (a
+    :class:`~custom_nets.engines.RegistrationFailure` from :class:`~custom_nets.engines.FailSafeInferer`) or written
+    (any error while writing, e.g. a non-finite warped image or an unreadable label file) is logged as an error naming
+    its files and the problem; outputs under its stem are removed, so no partial or stale result is left that could
+    be taken for this run's. The others are written as usual. At the end of the run ``results.csv`` (one row per pair:
+    ``moving``, ``fixed``, ``status`` ``ok`` / ``failed``, ``stage``, ``error``, ``json``) and ``failures.json`` (the
+    failed pairs; ``[]`` when none) are written, and, with ``fail_on_error``, a :class:`RegistrationFailuresError`
+    is raised if any pair failed, so ``python -m monai.bundle run inference`` exits non-zero after writing every
+    result it could.
 
     Args:
         output_dir: output folder.
         png: write the PNG.
         device: device used to resample the originals.
+        fail_on_error: raise at the end of the run if any pair failed.
     """
 
-    def __init__(self, output_dir: str, png: bool = True, device: torch.device | str = "cpu") -> None:
+    STATUS_COLUMNS = ("pair", "moving", "fixed", "status", "stage", "error", "json")
+
+    def __init__(
+        self, output_dir: str, png: bool = True, device: torch.device | str = "cpu", fail_on_error: bool = True
+    ) -> None:
         self.output_dir, self.png, self.device = Path(output_dir), bool(png), device
+        self.fail_on_error = bool(fail_on_error)
         self.written: list[dict[str, str]] = []
+        self.results: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self._stems: set[str] = set()
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def _reset(self, engine: Engine | None = None) -> None:
+        self.written, self.results, self.failures, self._stems = [], [], [], set()
 
     def __call__(self, engine: Engine) -> None:
         out, batch = engine.state.output, engine.state.batch
-        pred = out["pred"]
-        fixed_paths = batch["fixed_image"].meta["filename_or_obj"]
-        moving_paths = batch["moving_image"].meta["filename_or_obj"]
-        labels = batch.get("moving_label")
-        for b in range(len(fixed_paths)):
-            label = labels[b] if isinstance(labels, (list, tuple)) else None
-            self.written.append(self.write_pair(pred, b, str(fixed_paths[b]), str(moving_paths[b]), label))
+        pred = out.get("pred") if isinstance(out, Mapping) else None
+        if "fixed_image" in batch and "moving_image" in batch:
+            fixed_paths = batch["fixed_image"].meta["filename_or_obj"]
+            moving_paths = batch["moving_image"].meta["filename_or_obj"]
+            labels = batch.get("moving_label")
+            for b in range(len(fixed_paths)):
+                label = labels[b] if isinstance(labels, (list, tuple)) else None
+                fixed, moving = str(fixed_paths[b]), str(moving_paths[b])
+                item = pred[b] if isinstance(pred, list) else pred
+                if isinstance(item, RegistrationFailure):
+                    self._fail(moving, fixed, item.stage, item.error)
+                    continue
+                if item is None:
+                    self._fail(moving, fixed, "register", "the network returned no result")
+                    continue
+                self._write_isolated(item, 0 if isinstance(pred, list) else b, fixed, moving, label)
+        for record in batch.get(FAILURES_KEY) or []:
+            info = record.get(FAILURE_KEY) or {}
+            self._fail(
+                record.get("moving_image"),
+                record.get("fixed_image"),
+                str(info.get("stage", "load")),
+                str(info.get("error", "unknown error")),
+            )
+
+    def _write_isolated(self, pred: Any, b: int, fixed: str, moving: str, label: str | None) -> None:
+        stem = output_stem(moving)
+        if stem in self._stems:
+            self._fail(
+                moving,
+                fixed,
+                "write",
+                f"another pair of this run already wrote outputs named {stem!r} (same moving file name); refusing to "
+                "overwrite them",
+                keep_outputs=True,
+            )
+            return
+        try:
+            files = self.write_pair(pred, b, fixed, moving, label)
+        except Exception as err:  # recorded as this pair's failure; the others go on
+            self._fail(moving, fixed, "write", f"{type(err).__name__}: {err}")
+            return
+        self._stems.add(stem)
+        self.written.append(files)
+        self.results.append(
+            {"pair": len(self.results), "moving": moving, "fixed": fixed, "status": "ok", "json": files["json"]}
+        )
+
+    def _outputs_of(self, stem: str) -> list[Path]:
+        names = (f"{stem}_warped.nii.gz", f"{stem}_label_warped.nii.gz", f"{stem}.json", f"{stem}.tfm", f"{stem}.png")
+        return [self.output_dir / n for n in names]
+
+    def _fail(self, moving: str | None, fixed: str | None, stage: str, error: str, keep_outputs: bool = False) -> None:
+        record = {"pair": len(self.results), "moving": moving, "fixed": fixed, "stage": stage, "error": error}
+        logger.error("pair %d failed at %s: moving %s, fixed %s: %s", record["pair"], stage, moving, fixed, error)
+        if moving and not keep_outputs and output_stem(str(moving)) not in self._stems:
+            for old in self._outputs_of(output_stem(str(moving))):
+                if old.exists():
+                    logger.warning("removing %s: its pair failed in this run", old)
+                    old.unlink(missing_ok=True)
+        self.failures.append(record)
+        self.results.append({**record, "status": "failed", "json": ""})
+
+    def finish(self, engine: Engine | None = None) -> None:
+        """Write ``results.csv`` and ``failures.json``, log the count, and raise if any pair failed (see above)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        buf = _io.StringIO()
+        table = csv.DictWriter(buf, fieldnames=list(self.STATUS_COLUMNS), extrasaction="ignore")
+        table.writeheader()
+        table.writerows(self.results)
+        text = buf.getvalue()
+        atomic_write(self.output_dir / "results.csv", lambda tmp: Path(tmp).write_text(text))
+        write_json(self.output_dir / "failures.json", self.failures)
+        total, failed = len(self.results), len(self.failures)
+        if not failed:
+            logger.info("registered all %d pair(s); results in %s", total, self.output_dir)
+            return
+        summary = (
+            f"{failed} of {total} pair(s) failed and were not written (the other {total - failed} were); see "
+            f"{self.output_dir / 'failures.json'}:\n"
+            + "\n".join(f"  {f['moving']} -> {f['fixed']} ({f['stage']}): {f['error']}" for f in self.failures)
+        )
+        logger.error(summary)
+        if self.fail_on_error:
+            raise RegistrationFailuresError(summary)
 
     def write_pair(self, pred: Any, b: int, fixed_path: str, moving_path: str, label_path: str | None) -> dict:
+        """Write the outputs of batch item ``b`` of ``pred``; on any error, the files already written for it are
+        removed and the error re-raised."""
+        files: dict[str, str] = {}
+        try:
+            self._write_pair(pred, b, fixed_path, moving_path, label_path, files)
+        except BaseException:
+            for path in files.values():
+                Path(path).unlink(missing_ok=True)
+            raise
+        return files
+
+    def _write_pair(
+        self, pred: Any, b: int, fixed_path: str, moving_path: str, label_path: str | None, files: dict[str, str]
+    ) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         stem = output_stem(moving_path)
         fixed_img, moving_img = _load_volume(fixed_path), _load_volume(moving_path)
         f_aff, m_aff = np.asarray(fixed_img.affine, dtype=np.float64), np.asarray(moving_img.affine, dtype=np.float64)
         f2m = pred.fixed_to_moving
         t_item = f2m[b : b + 1].double() if isinstance(f2m, torch.Tensor) else _spline_item(f2m, b)
-        moving_data = np.asarray(moving_img.dataobj, dtype=np.float32)
+        moving_data = _read_volume(moving_img, moving_path)
         warped = resample_to_image(moving_data, m_aff, fixed_img.shape, f_aff, t_item, device=self.device)
-        files = {"warped": str(self.output_dir / f"{stem}_warped.nii.gz")}
+        if not np.isfinite(warped).all():
+            raise ValueError(f"{moving_path}: the warped image has NaN / Inf voxels; not writing it.")
+        files["warped"] = str(self.output_dir / f"{stem}_warped.nii.gz")
         _save_like(warped, fixed_img, files["warped"], np.float32)
         if label_path:
             lab_img = _load_volume(label_path)
             lab = resample_to_image(
-                np.asarray(lab_img.dataobj, dtype=np.float32),
+                _read_volume(lab_img, label_path),
                 np.asarray(lab_img.affine, dtype=np.float64),
                 fixed_img.shape,
                 f_aff,
@@ -574,6 +796,7 @@ class RegistrationWriter:
             )
             files["label_warped"] = str(self.output_dir / f"{stem}_label_warped.nii.gz")
             _save_like(np.rint(lab), fixed_img, files["label_warped"], lab_img.get_data_dtype())
+            del lab
         record: dict[str, Any] = {
             "moving": moving_path,
             "fixed": fixed_path,
@@ -600,7 +823,7 @@ class RegistrationWriter:
             files["png"] = str(self.output_dir / f"{stem}.png")
             save_registration_png(
                 files["png"],
-                np.asarray(fixed_img.dataobj, dtype=np.float32),
+                _read_volume(fixed_img, fixed_path),
                 moving_data,
                 warped,
                 f_aff,
@@ -613,7 +836,6 @@ class RegistrationWriter:
         record["outputs"] = dict(files)
         files["json"] = str(self.output_dir / f"{stem}.json")
         write_json(files["json"], record)
-        return files
 
 
 def _spline_item(spline: ThinPlateSpline, b: int) -> ThinPlateSpline:
@@ -632,7 +854,7 @@ def _save_like(data: np.ndarray, like: Any, path: str, dtype: Any) -> None:
     """Save ``data`` as NIfTI on the grid of image ``like``: its affine, and its NIfTI header fields (units, codes,
     description) when ``like`` is NIfTI; data type ``dtype``, no intensity scaling."""
     header = like.header.copy() if isinstance(like, nib.Nifti1Image) else None
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), like.affine, header=header)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), like.affine, header=header)  # no copy if already dtype
     img.header.set_data_dtype(dtype)
     codes = (int(like.header["qform_code"]), int(like.header["sform_code"])) if header is not None else (0, 0)
     img.set_qform(like.affine, code=codes[0] or 1)

@@ -380,16 +380,23 @@ def _normalise(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.nan_to_num((x - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def _intensity_centre(norm: np.ndarray) -> tuple[int, int, int]:
-    """Voxel index of the intensity-weighted centre of a volume already scaled to ``[0, 1]`` (grid centre if empty)."""
-    total = float(norm.sum(dtype=np.float64))
+def _intensity_centre(volume: np.ndarray, lo: float, hi: float, slab_voxels: int = 1 << 22) -> tuple[int, int, int]:
+    """Voxel index of the intensity-weighted centre of ``volume`` scaled by :func:`_normalise` with ``(lo, hi)``
+    (grid centre if empty). The scaled volume is never held whole: it is built slab by slab along axis 0, so a large
+    field of view costs no full-size float copies."""
+    profiles = [np.zeros(n, dtype=np.float64) for n in volume.shape]
+    step = max(1, slab_voxels // max(1, volume.shape[1] * volume.shape[2]))
+    for i0 in range(0, volume.shape[0], step):
+        norm = _normalise(volume[i0 : i0 + step], lo, hi)
+        profiles[0][i0 : i0 + norm.shape[0]] += norm.sum(axis=(1, 2), dtype=np.float64)
+        profiles[1] += norm.sum(axis=(0, 2), dtype=np.float64)
+        profiles[2] += norm.sum(axis=(0, 1), dtype=np.float64)
+    total = float(profiles[0].sum())
     centre = []
-    for axis, n in enumerate(norm.shape):
+    for n, profile in zip(volume.shape, profiles):
         if total <= 0.0:
             centre.append((n - 1) // 2)
             continue
-        other = tuple(a for a in range(3) if a != axis)
-        profile = norm.sum(axis=other, dtype=np.float64)
         centre.append(int(np.clip(round(float(profile @ np.arange(n)) / total), 0, n - 1)))
     return centre[0], centre[1], centre[2]
 
@@ -547,22 +554,21 @@ def registration_figure(
 
     vox_fix, vox_mov = to_voxel(kp_fix, a_fix), to_voxel(kp_mov, a_mov)
     range_fix, range_mov = _robust_range(fixed), _robust_range(moving)
-    norm_fix = _normalise(fixed, *range_fix)
-    norm_mov = _normalise(moving, *range_mov)
-    centre_fix, centre_mov = _intensity_centre(norm_fix), _intensity_centre(norm_mov)
+    # only the shown slices are scaled (a full-size scaled copy of a 512 x 512 x 400 volume would cost GBs)
+    centre_fix, centre_mov = _intensity_centre(fixed, *range_fix), _intensity_centre(moving, *range_mov)
     codes_fix, codes_mov = _axis_codes(a_fix), _axis_codes(a_mov)
 
     fig = Figure(figsize=_FIGSIZE, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, 3)
     rows = (
-        ("fixed", norm_fix, centre_fix, a_fix, codes_fix, vox_fix),
-        ("moving", norm_mov, centre_mov, a_mov, codes_mov, vox_mov),
+        ("fixed", fixed, range_fix, centre_fix, a_fix, codes_fix, vox_fix),
+        ("moving", moving, range_mov, centre_mov, a_mov, codes_mov, vox_mov),
     )
-    for r, (name, norm, centre, affine, codes, vox) in enumerate(rows):
+    for r, (name, volume, value_range, centre, affine, codes, vox) in enumerate(rows):
         for c in range(3):
             s = centre[c]
-            image2d = np.take(norm, s, axis=c)
+            image2d = _normalise(np.take(volume, s, axis=c), *value_range)
             _draw_panel(
                 axes[r, c],
                 image2d,
@@ -574,14 +580,14 @@ def registration_figure(
                 vox,
                 colours,
                 areas,
-                norm.shape[c],
+                volume.shape[c],
             )
     for c in range(3):
         s = centre_fix[c]
         # warped moving intensities on the moving image's scale (the zero padding would bias its own percentiles)
         w2d = _normalise(np.take(warped, s, axis=c), *range_mov)
         # fixed in green, warped in magenta: aligned structures of similar contrast look grey
-        overlay = np.stack([w2d, np.take(norm_fix, s, axis=c), w2d], axis=-1)
+        overlay = np.stack([w2d, _normalise(np.take(fixed, s, axis=c), *range_fix), w2d], axis=-1)
         _draw_panel(axes[2, c], overlay, c, s, a_fix, codes_fix, f"fixed (green) + warped (magenta): axis {c} = {s}")
     fig.supxlabel(
         f"{count} keypoints; colour = keypoint index (the same in fixed and moving), marker area \u221d weight, "

@@ -5,10 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_transform
-from .geometry import as_tensor, batch_affine, heatmap_to_voxel, resample, voxel_to_world
+from .geometry import (
+    apply_affine,
+    as_tensor,
+    batch_affine,
+    heatmap_to_voxel,
+    resample,
+    voxel_to_normalized,
+    voxel_to_world,
+    world_to_voxel,
+)
 from .keypoints import CenterOfMass, power_weights
 from .search import cube_rotations, rotate_volume
 
@@ -88,6 +98,8 @@ class KeyMorph(nn.Module):
             for 24 detector passes instead of one.
         search_similarity: the loss that ranks the candidates (lower is better); default MONAI's
             ``GlobalMutualInformationLoss`` (any contrast).
+        search_samples: fixed-foreground voxels the candidates are ranked on.
+        search_batch: views of the moving image per detector pass during the search.
         refiner: optional module polishing affine results at inference (eval mode), called as
             ``refiner(moving, fixed, fixed_to_moving, moving_affine, fixed_affine)``, e.g.
             :class:`~custom_nets.refine.AffineRefiner`; the keypoints stay those of the detector.
@@ -103,6 +115,8 @@ class KeyMorph(nn.Module):
         orientation_search: bool = False,
         search_similarity: nn.Module | None = None,
         refiner: nn.Module | None = None,
+        search_samples: int = 20000,
+        search_batch: int = 8,
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -116,6 +130,7 @@ class KeyMorph(nn.Module):
 
             search_similarity = GlobalMutualInformationLoss(num_bins=32)
         self.search_similarity = search_similarity
+        self.search_samples, self.search_batch = int(search_samples), max(1, int(search_batch))
         self.refiner = refiner
 
     @staticmethod
@@ -172,6 +187,10 @@ class KeyMorph(nn.Module):
         mode: str = "bilinear",
         padding_mode: str = "zeros",
         moving_alt: torch.Tensor | None = None,
+        refine_moving: torch.Tensor | None = None,
+        refine_fixed: torch.Tensor | None = None,
+        refine_moving_affine: torch.Tensor | None = None,
+        refine_fixed_affine: torch.Tensor | None = None,
     ) -> KeyMorphOutput | torch.Tensor:
         """Register ``moving`` to ``fixed``.
 
@@ -188,6 +207,10 @@ class KeyMorph(nn.Module):
             padding_mode: ``grid_sample`` padding for ``warped``.
             moving_alt: optional second image of the moving subject in the moving pose (another contrast), whose
                 keypoints are returned as ``keypoints_moving_alt`` (for a keypoint-consistency loss).
+            refine_moving, refine_fixed: optional finer images of the same pair ``(B, 1, ...)`` (any grids, e.g. 2 mm
+                voxels where the detector sees 4 mm) for the :attr:`refiner` to polish on; default: ``moving`` and
+                ``fixed``. ``refine_moving_affine`` / ``refine_fixed_affine``: their voxel-to-world affines
+                (default: their ``MetaTensor`` affines).
 
         Returns:
             :class:`KeyMorphOutput`, or the warped moving image for the 2-channel call.
@@ -211,9 +234,17 @@ class KeyMorph(nn.Module):
         fixed_affine = getattr(fixed, "affine", None) if fixed_affine is None else fixed_affine
         moving, fixed = as_tensor(moving), as_tensor(fixed)
         kind = self._check_type(transform_type or self.transform_type)
+        refine = None
+        if refine_moving is not None and refine_fixed is not None:
+            refine = (
+                refine_moving,
+                refine_fixed,
+                getattr(refine_moving, "affine", None) if refine_moving_affine is None else refine_moving_affine,
+                getattr(refine_fixed, "affine", None) if refine_fixed_affine is None else refine_fixed_affine,
+            )
         if self.orientation_search and not self.training and moving_alt is None:
             out = self._search(moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode)
-            return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode)
+            return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine)
         if moving.shape[1:] == fixed.shape[1:]:  # one detector pass for both images
             _check_content(fixed, "fixed image")
             _check_content(moving, "moving image")
@@ -241,7 +272,7 @@ class KeyMorph(nn.Module):
         if moving_alt is not None:
             p_alt = self.detect(moving_alt, moving_affine, "moving_alt image")[0]
         out = KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam, p_alt)
-        return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode)
+        return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine)
 
     def _refine(
         self,
@@ -252,13 +283,22 @@ class KeyMorph(nn.Module):
         fixed_affine: torch.Tensor | None,
         mode: str,
         padding_mode: str,
+        refine: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> KeyMorphOutput:
-        """Polish an affine result with :attr:`refiner` (inference only; rigid and spline results are kept)."""
+        """Polish an affine result with :attr:`refiner` (inference only; rigid and spline results are kept), on the
+        ``refine`` images ``(moving, fixed, moving_affine, fixed_affine)`` if given, else on the network inputs."""
         if self.refiner is None or self.training or out.transform_type != "affine":
+            return out
+        if torch.jit.is_tracing() or torch.jit.is_scripting():  # an optimisation loop is not part of an export
             return out
         b, device = moving.shape[0], moving.device
         a_m, a_f = batch_affine(moving_affine, b, device), batch_affine(fixed_affine, b, device)
-        f2m = self.refiner(moving, fixed, out.fixed_to_moving, a_m, a_f)
+        if refine is None:
+            f2m = self.refiner(moving, fixed, out.fixed_to_moving, a_m, a_f)
+        else:
+            r_m, r_f, r_am, r_af = refine
+            r_am, r_af = batch_affine(r_am, b, device), batch_affine(r_af, b, device)
+            f2m = self.refiner(as_tensor(r_m).float(), as_tensor(r_f).float(), out.fixed_to_moving, r_am, r_af)
         out.fixed_to_moving = f2m
         out.moving_to_fixed = torch.linalg.inv(f2m.double()).to(f2m.dtype)
         out.warped = resample(moving, f2m, fixed.shape[2:], a_f, a_m, mode=mode, padding_mode=padding_mode)
@@ -268,6 +308,19 @@ class KeyMorph(nn.Module):
         if self.weighted:
             return power_weights(m_fix, m_mov)
         return ((m_fix > 0) & (m_mov > 0)).to(m_fix.dtype)
+
+    def _search_sample(self, fixed: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """World points ``(1, N, 3)`` (float64) of up to :attr:`search_samples` voxels of the fixed foreground of
+        ``fixed`` ``(1, C, ...)`` (a draw seeded for reproducibility) and the fixed values there ``(1, 1, N, 1, 1)``."""
+        image = fixed[0, 0].float()
+        idx = torch.nonzero(image > image.amin())
+        if idx.shape[0] == 0:
+            idx = torch.nonzero(torch.ones_like(image, dtype=torch.bool))
+        if idx.shape[0] > self.search_samples:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            idx = idx[torch.randperm(idx.shape[0], generator=gen)[: self.search_samples].to(idx.device)]
+        values = image[idx[:, 0], idx[:, 1], idx[:, 2]].reshape(1, 1, -1, 1, 1)
+        return voxel_to_world(idx.to(torch.float64)[None], affine.to(torch.float64)), values
 
     @torch.no_grad()
     def _search(
@@ -281,7 +334,12 @@ class KeyMorph(nn.Module):
         mode: str,
         padding_mode: str,
     ) -> KeyMorphOutput:
-        """Registration with orientation search (see ``orientation_search``), item by item."""
+        """Registration with orientation search (see ``orientation_search``), item by item.
+
+        The views of the moving image go through the detector :attr:`search_batch` at a time; the candidate fits are
+        ranked by :attr:`search_similarity` between the fixed image and the moving image sampled through each fit on
+        :attr:`search_samples` voxels of the fixed foreground (a fixed random draw), and only the best is warped.
+        """
         _check_content(fixed, "fixed image")
         _check_content(moving, "moving image")
         b, device = moving.shape[0], moving.device
@@ -291,26 +349,42 @@ class KeyMorph(nn.Module):
         lam = (self.tps_lambda if tps_lambda is None else float(tps_lambda)) if kind == "tps" else None
         results: list[KeyMorphOutput] = []
         for i in range(b):
-            best: tuple[float, KeyMorphOutput] | None = None
-            for perm, signs in cube_rotations():
-                rotated, vox_map = rotate_volume(moving[i : i + 1], perm, signs)
-                a_rot = a_m[i : i + 1] @ torch.linalg.inv(vox_map)
-                p_mov, m_mov = self.detect(rotated, a_rot, "moving image")
+            views = [rotate_volume(moving[i : i + 1], perm, signs) for perm, signs in cube_rotations()]
+            detected: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for v, (rotated, _) in enumerate(views):
+                by_shape.setdefault(tuple(rotated.shape), []).append(v)
+            for group in by_shape.values():
+                for c in range(0, len(group), self.search_batch):
+                    chunk = group[c : c + self.search_batch]
+                    images = torch.cat([views[v][0] for v in chunk])
+                    affines = torch.cat([a_m[i : i + 1] @ torch.linalg.inv(views[v][1]) for v in chunk])
+                    points, mass = self.detect(images, affines, "moving image")
+                    for k, v in enumerate(chunk):
+                        detected[v] = (points[k : k + 1], mass[k : k + 1])
+            world, values = self._search_sample(fixed[i : i + 1], a_f[i : i + 1])
+            best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            for p_mov, m_mov in detected:  # type: ignore[misc]
                 weights = self._weights(m_fix[i : i + 1], m_mov)
                 try:
                     f2m, m2f = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
                 except DegenerateKeypointsError:
                     continue  # this view found too few keypoints; others may not
-                warped = resample(
-                    moving[i : i + 1], f2m, fixed.shape[2:], a_f[i : i + 1], a_m[i : i + 1], mode, padding_mode
+                moved = f2m(world) if isinstance(f2m, ThinPlateSpline) else apply_affine(f2m.to(world.dtype), world)
+                grid = voxel_to_normalized(world_to_voxel(moved, a_m[i : i + 1]), moving.shape[2:])
+                sampled = F.grid_sample(
+                    moving[i : i + 1].float(), grid.float()[:, :, None, None], align_corners=True, padding_mode="zeros"
                 )
-                score = float(self.search_similarity(warped.float(), fixed[i : i + 1].float()))
+                score = float(self.search_similarity(sampled, values))
                 if best is None or score < best[0]:
-                    out = KeyMorphOutput(warped, f2m, m2f, p_fix[i : i + 1], p_mov, weights, kind, lam)
-                    best = (score, out)
+                    best = (score, f2m, m2f, p_mov, m_mov, weights)
             if best is None:
                 raise DegenerateKeypointsError(f"batch item {i}: no orientation of the moving image gave a valid fit.")
-            results.append(best[1])
+            _, f2m, m2f, p_mov, _, weights = best
+            warped = resample(
+                moving[i : i + 1], f2m, fixed.shape[2:], a_f[i : i + 1], a_m[i : i + 1], mode, padding_mode
+            )
+            results.append(KeyMorphOutput(warped, f2m, m2f, p_fix[i : i + 1], p_mov, weights, kind, lam))
         if len(results) == 1:
             return results[0]
 

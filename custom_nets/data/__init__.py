@@ -2,10 +2,17 @@
 
 from .augment import RandAffineMovingd, random_affine_matrix, rotation_matrix
 from .datasets import (
+    FAILURE_KEY,
+    FAILURES_KEY,
     IXI_MODALITIES,
+    FailSafeDataset,
     SyntheticPairDataset,
     build_pair_dataset,
+    check_image_header,
+    check_image_headers,
+    collate_pairs,
     evaluation_items,
+    failure_message,
     inference_pairs,
     load_datalist,
     load_pair_list,
@@ -16,10 +23,31 @@ from .datasets import (
 from .demo import save_nifti, write_demo_data
 from .synth import CONTRAST_PRESETS, CONTRASTS, BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES, cube_affine, load_tissue_template
-from .transforms import LoadVolumed, RandPaird, SynthPaird, preprocessing_transforms
+from .transforms import (
+    AbovePercentile,
+    CheckWorldOverlapd,
+    IsotropicSpacingd,
+    LoadVolumed,
+    RandPaird,
+    SynthPaird,
+    preprocessing_transforms,
+    refine_key,
+    world_bounding_box,
+)
 
 __all__ = [
+    "AbovePercentile",
     "BRAIN_CENTRE_MNI",
+    "CheckWorldOverlapd",
+    "FAILURE_KEY",
+    "FAILURES_KEY",
+    "FailSafeDataset",
+    "IsotropicSpacingd",
+    "check_image_header",
+    "check_image_headers",
+    "collate_pairs",
+    "failure_message",
+    "world_bounding_box",
     "BrainSynthesizer",
     "CONTRASTS",
     "CONTRAST_PRESETS",
@@ -38,6 +66,7 @@ __all__ = [
     "load_pair_list",
     "load_tissue_template",
     "preprocessing_transforms",
+    "refine_key",
     "random_affine_matrix",
     "rotation_matrix",
     "sample_pairs",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import Dataset
+from monai.data import Dataset, list_data_collate
 from monai.transforms import Compose
 
 from .augment import RandAffineMovingd
@@ -26,7 +27,21 @@ __all__ = [
     "build_pair_dataset",
     "evaluation_items",
     "inference_pairs",
+    "FailSafeDataset",
+    "collate_pairs",
+    "failure_message",
+    "check_image_header",
+    "check_image_headers",
+    "FAILURE_KEY",
+    "FAILURES_KEY",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: Key of the failure record an item of :class:`FailSafeDataset` carries when it could not be loaded.
+FAILURE_KEY = "failure"
+#: Key under which :func:`collate_pairs` lists the failed items of a batch.
+FAILURES_KEY = "failures"
 
 #: IXI file-name suffixes this package reads, and the modality names they map to.
 IXI_MODALITIES = {"T1": "t1", "T2": "t2", "PD": "pd"}
@@ -34,10 +49,10 @@ _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _SPLIT_KEYS = ("training", "validation", "test")
 
 
-def _resolve(base: Path, value: str, source: str) -> str:
+def _resolve(base: Path, value: str, source: str, must_exist: bool = True) -> str:
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base / path
-    if not path.is_file():
+    if must_exist and not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (listed in {source}).")
     return str(path)
 
@@ -100,12 +115,13 @@ def load_datalist(path: str | Path, split: str | None = None) -> list[dict[str, 
     return out
 
 
-def load_pair_list(path: str | Path, key: str = "test_pairs") -> list[dict[str, Any]]:
+def load_pair_list(path: str | Path, key: str = "test_pairs", must_exist: bool = True) -> list[dict[str, Any]]:
     """Read a list of registration pairs from a datalist JSON (e.g. the demo set's ``test_pairs``).
 
     Entries hold ``fixed_image`` and ``moving_image`` paths, optional ``fixed_label`` / ``moving_label``, and any
     other keys (e.g. the ground truth ``fixed_to_moving_ras``), kept as they are. Relative paths are resolved against
-    the JSON's folder; every file must exist.
+    the JSON's folder; every file must exist unless ``must_exist=False`` (batch inference reports a missing file as
+    that pair's failure instead of refusing the whole list).
     """
     path, content = _read_json(path, "pair list")
     entries = content if isinstance(content, list) else content.get(key) if isinstance(content, Mapping) else None
@@ -119,7 +135,7 @@ def load_pair_list(path: str | Path, key: str = "test_pairs") -> list[dict[str, 
         rec = dict(entry)
         for k in ("fixed_image", "moving_image", "fixed_label", "moving_label"):
             if rec.get(k):
-                rec[k] = _resolve(path.parent, rec[k], where)
+                rec[k] = _resolve(path.parent, rec[k], where, must_exist)
         out.append(rec)
     return out
 
@@ -321,6 +337,7 @@ def build_pair_dataset(
         ]
     else:
         records = load_datalist(datalist, "training" if split == "train" else split)
+        check_image_headers([p for r in records for p in (r["image"], r.get("label")) if p])
         pick = RandPaird(records, same_subject_prob=same_subject_prob, cross_contrast_prob=cross_contrast_prob)
         label_keys = ("fixed_label", "moving_label") if pick.with_labels else ()
         first = [pick, *preprocessing_transforms(("fixed_image", "moving_image"), label_keys, pixdim, spatial_size)]
@@ -339,11 +356,13 @@ def inference_pairs(
 ) -> list[dict[str, Any]]:
     """The pairs to register: one ``moving`` / ``fixed`` pair given on the command line, else a pair list JSON.
 
-    Returns items with ``moving_image``, ``fixed_image`` (paths) and, when known, ``moving_label``.
+    Returns items with ``moving_image``, ``fixed_image`` (paths) and, when known, ``moving_label``. Files of a pair
+    list need not exist: a missing one is reported as that pair's failure when it is loaded (see
+    :class:`FailSafeDataset`), so the other pairs are still registered.
 
     Raises:
         ValueError: only one of ``moving`` / ``fixed`` is given, or neither they nor a datalist.
-        FileNotFoundError: a named file does not exist.
+        FileNotFoundError: a file given on the command line does not exist.
     """
     if moving is not None or fixed is not None:
         if moving is None or fixed is None:
@@ -357,6 +376,101 @@ def inference_pairs(
         return [item]
     if datalist is None:
         raise ValueError("nothing to register: give --moving and --fixed, or --datalist with a list of pairs.")
-    pairs = load_pair_list(datalist, key)
+    pairs = load_pair_list(datalist, key, must_exist=False)  # a missing file fails its pair, not the whole run
     keep = ("moving_image", "fixed_image", "moving_label")
     return [{k: p[k] for k in keep if p.get(k)} for p in pairs]
+
+
+def failure_message(err: BaseException) -> str:
+    """``"<Type>: <message>"`` of the exception that explains a failed item.
+
+    MONAI wraps every transform error in ``RuntimeError("applying transform ...")``; those wrappers are unwrapped, so
+    the message is the one that names the file and the problem (e.g. from :class:`LoadVolumed`)."""
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
+
+
+def _describe(item: Any) -> dict[str, Any]:
+    """The plain (path / scalar) fields of a data item, for a failure record."""
+    if not isinstance(item, Mapping):
+        return {"item": str(item)}
+    return {str(k): v for k, v in item.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+class FailSafeDataset(Dataset):
+    """A MONAI ``Dataset`` whose items that fail to load or validate become failure records instead of raising.
+
+    Batch inference uses it so that one unreadable pair does not stop the run: the failed item is returned as its
+    input fields (e.g. the ``fixed_image`` / ``moving_image`` paths) plus ``{FAILURE_KEY: {"stage": "load",
+    "error": "<Type>: <message naming the file and the problem>"}}``, an error is logged, and :func:`collate_pairs`
+    moves it out of the batch into the batch's ``failures`` list. ``KeyboardInterrupt`` and other non-``Exception``
+    errors still propagate.
+
+    Args:
+        data: the items (e.g. from :func:`inference_pairs`).
+        transform: the preprocessing (e.g. :func:`~custom_nets.data.preprocessing_transforms` in a ``Compose``).
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            record = _describe(self.data[index])
+            record[FAILURE_KEY] = {"stage": "load", "error": failure_message(err)}
+            logger.error("item %d could not be loaded: %s", index, record[FAILURE_KEY]["error"])
+            return record
+
+
+def collate_pairs(batch: Sequence[Any]) -> dict[str, Any]:
+    """``collate_fn`` for :class:`FailSafeDataset`: MONAI's ``list_data_collate`` of the items that loaded, with the
+    failure records listed under ``FAILURES_KEY`` (always present, possibly empty). A batch in which every item failed
+    holds only that list."""
+    failed = [dict(b) for b in batch if isinstance(b, Mapping) and FAILURE_KEY in b]
+    good = [b for b in batch if not (isinstance(b, Mapping) and FAILURE_KEY in b)]
+    out: dict[str, Any] = dict(list_data_collate(good)) if good else {}
+    out[FAILURES_KEY] = failed
+    return out
+
+
+#: File name endings nibabel reads; :func:`check_image_header` checks only these (others are checked when loaded).
+_NIBABEL_SUFFIXES = re.compile(r"\.(nii|nii\.gz|mgz|mgh|hdr|img)$", re.IGNORECASE)
+
+
+def check_image_header(path: str | Path) -> str | None:
+    """The problem with an image file that its header alone shows, or ``None``.
+
+    Reads only the header (cheap, even for large compressed files): a missing file, a file that is not an image, a
+    shape that is not a single-channel 3D volume, or a singular / non-finite affine. Content faults (truncated data,
+    NaN voxels, a constant image) are found by :class:`~custom_nets.data.LoadVolumed` when the image is loaded.
+    Files nibabel does not read (by suffix) are not checked here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
+    if not _NIBABEL_SUFFIXES.search(path.name):
+        return None
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:
+        return f"cannot be read as an image ({type(err).__name__}: {err})"
+    if len(shape) < 3 or min(shape[:3]) < 2 or any(n != 1 for n in shape[3:]):
+        return f"expected a single-channel 3D volume, got shape {shape}"
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        return "the voxel-to-world affine is singular or not finite"
+    return None
+
+
+def check_image_headers(paths: Sequence[str | Path]) -> None:
+    """Check the header of every file (see :func:`check_image_header`) before a training run starts.
+
+    Raises:
+        ValueError: listing every bad file with its problem, so that a run over thousands of images fails at the
+            start rather than hours in.
+    """
+    problems = [f"{p}: {why}" for p in dict.fromkeys(str(p) for p in paths) if (why := check_image_header(p))]
+    if problems:
+        raise ValueError(f"{len(problems)} of the listed image files are unusable:\n" + "\n".join(problems))

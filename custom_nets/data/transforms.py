@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
+    CopyItemsd,
     CropForegroundd,
     LoadImaged,
     MapTransform,
@@ -18,13 +20,24 @@ from monai.transforms import (
     Randomizable,
     ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
-    Spacingd,
     Transform,
 )
 
 from .synth import CONTRASTS, BrainSynthesizer, subject_seed
 
-__all__ = ["SynthPaird", "RandPaird", "LoadVolumed", "preprocessing_transforms"]
+__all__ = [
+    "SynthPaird",
+    "RandPaird",
+    "LoadVolumed",
+    "CheckWorldOverlapd",
+    "AbovePercentile",
+    "IsotropicSpacingd",
+    "world_bounding_box",
+    "preprocessing_transforms",
+    "refine_key",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class SynthPaird(Randomizable, Transform):
@@ -162,8 +175,10 @@ class LoadVolumed(MapTransform):
     """Load 3D images with MONAI ``LoadImaged`` (channel first) and fail with the file named on anything unusable.
 
     Errors (``ValueError`` / ``FileNotFoundError``, message starting with the path): missing file, unreadable or
-    corrupt file, not a single-channel 3D volume (2D, 4D / multi-channel), NaN or Inf voxels, and (unless
-    ``reject_constant=False``, e.g. for label maps that may be empty) a constant image.
+    corrupt file, not a single-channel 3D volume (2D, 4D / multi-channel; a 4D file with a single volume
+    ``(I, J, K, 1)`` is accepted), a voxel-to-world affine that is singular or not finite, an inconsistent NIfTI
+    header (MONAI's header correction would give another affine than the NIfTI standard, which the outputs use),
+    NaN or Inf voxels, and (unless ``reject_constant=False``, e.g. for label maps that may be empty) a constant image.
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, reject_constant: bool = True) -> None:
@@ -191,14 +206,191 @@ class LoadVolumed(MapTransform):
                 )
             if min(img.shape[1:]) < 2:
                 raise ValueError(f"{path}: expected a 3D volume, got spatial shape {tuple(img.shape[1:])}.")
-            if not torch.isfinite(img).all():
-                raise ValueError(f"{path}: contains NaN or Inf voxels.")
+            affine = torch.as_tensor(getattr(img, "affine", torch.eye(4)), dtype=torch.float64)
+            _check_affine(path, affine.numpy())
+            header_affine = _nibabel_affine(path)
+            if header_affine is not None:
+                _check_affine(path, header_affine)
+                if not np.allclose(header_affine, affine.numpy(), rtol=1e-4, atol=1e-3):
+                    raise ValueError(
+                        f"{path}: inconsistent header: its pixel sizes (pixdim) disagree with its sform / qform, and "
+                        f"MONAI would read the affine {np.round(affine.numpy(), 4).tolist()} where the NIfTI standard "
+                        f"(nibabel, used for the outputs) gives {np.round(header_affine, 4).tolist()}; expected a "
+                        "consistent header (fix pixdim, sform and qform)."
+                    )
+            finite = torch.isfinite(img)
+            if not finite.all():
+                n_nan = int(torch.isnan(img).sum())
+                raise ValueError(
+                    f"{path}: contains NaN or Inf voxels ({n_nan} NaN, {int((~finite).sum()) - n_nan} infinite, of "
+                    f"{img.numel()}); expected finite intensities."
+                )
+            del finite
             if self.reject_constant and img.numel() and bool(img.max() == img.min()):
                 raise ValueError(
                     f"{path}: every voxel is {float(img.min()):g} (a constant image has nothing to register)."
                 )
             d[key] = img
         return d
+
+
+_NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")
+
+
+def _nibabel_affine(path: str | Path) -> np.ndarray | None:
+    """The voxel-to-world affine nibabel reads from a file's header (NIfTI precedence: sform, then qform), or
+    ``None`` for formats nibabel does not read or headers it cannot parse (their loading errors come from MONAI)."""
+    if not str(path).lower().endswith(_NIBABEL_SUFFIXES):
+        return None
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    except Exception:  # MONAI read the file; its own affine is checked instead
+        return None
+
+
+def _check_affine(path: Any, affine: np.ndarray) -> None:
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-9:
+        raise ValueError(
+            f"{path}: the voxel-to-world affine is singular or not finite ({np.round(affine, 4).tolist()}); expected "
+            "a valid header (pixel sizes and orientation)."
+        )
+
+
+def world_bounding_box(shape: Sequence[int], affine: Any) -> np.ndarray:
+    """``(2, 3)`` world (mm) corners ``[min, max]`` of the axis-aligned box around a grid's field of view.
+
+    The field of view spans voxel centres ``0 .. n-1`` plus half a voxel on each side; for oblique grids the box is the
+    bounding box of the eight rotated corners (so it contains the field of view)."""
+    n = np.asarray([int(v) for v in shape[-3:]], dtype=np.float64)
+    corners = np.array(np.meshgrid(*[[-0.5, m - 0.5] for m in n], indexing="ij")).reshape(3, -1).T
+    a = np.asarray(affine, dtype=np.float64)
+    world = corners @ a[:3, :3].T + a[:3, 3]
+    return np.stack([world.min(0), world.max(0)])
+
+
+class CheckWorldOverlapd(MapTransform):
+    """Check that two loaded images (e.g. ``fixed_image`` and ``moving_image``) overlap in world space.
+
+    Disjoint fields of view usually mean a header problem (e.g. images from different scanner frames), or simply a
+    large offset. KeyMorph itself does not need the overlap: each image is cropped to its own foreground and its
+    keypoints are mapped to world mm through its own affine, so any translation is recovered (the tests register a
+    pair 1 m apart exactly). Hence the default only warns; ``on_disjoint="error"`` makes it an error for pipelines
+    whose images are expected to be pre-aligned in world space.
+
+    Args:
+        keys: exactly two image keys (loaded ``MetaTensor`` with affines, channel first).
+        on_disjoint: ``"warn"`` (log a warning naming both files), ``"error"`` (``ValueError`` naming both files)
+            or ``"ignore"``.
+        allow_missing_keys: skip the check if a key is missing.
+    """
+
+    _MODES = ("warn", "error", "ignore")
+
+    def __init__(self, keys: KeysCollection, on_disjoint: str = "warn", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"CheckWorldOverlapd: expected two image keys, got {self.keys}.")
+        if on_disjoint not in self._MODES:
+            raise ValueError(f"CheckWorldOverlapd: expected on_disjoint in {self._MODES}, got {on_disjoint!r}.")
+        self.on_disjoint = on_disjoint
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        present = list(self.key_iterator(d))
+        if self.on_disjoint == "ignore" or len(present) != 2:
+            return d
+        boxes, names = [], []
+        for key in present:
+            img = d[key]
+            boxes.append(world_bounding_box(img.shape, getattr(img, "affine", np.eye(4))))
+            names.append(str(getattr(img, "meta", {}).get("filename_or_obj", key)))
+        (lo_a, hi_a), (lo_b, hi_b) = boxes
+        gap = np.maximum(np.maximum(lo_a - hi_b, lo_b - hi_a), 0.0)
+        if (gap > 0).any():
+            msg = (
+                f"{names[0]} ({present[0]}) and {names[1]} ({present[1]}) do not overlap in world space: their "
+                f"fields of view are {float(np.linalg.norm(gap)):.1f} mm apart (world boxes "
+                f"{np.round(boxes[0], 1).tolist()} and {np.round(boxes[1], 1).tolist()} mm)"
+            )
+            if self.on_disjoint == "error":
+                raise ValueError(msg + "; expected images that overlap (check their headers).")
+            logger.warning("%s; registering anyway (KeyMorph recovers any translation).", msg)
+        return d
+
+
+class IsotropicSpacingd(MapTransform):
+    """Resample images to isotropic ``pixdim`` voxels on a grid anchored at each image's first voxel.
+
+    The output affine is ``A @ diag(pixdim / spacing)`` (``spacing``: the column norms of the input affine ``A``), so
+    the output keeps the input's axis directions and its voxel 0, with ``round((n - 1) * spacing / pixdim + 1)`` voxels
+    per axis (as MONAI's ``Spacing``); values are sampled with :func:`custom_nets.geometry.resample` (trilinear or
+    nearest, zeros outside, float32: a large input is not copied to float64). For images whose axes are aligned with
+    the world this is MONAI's ``Spacing`` grid (the same values to 1e-5); unlike ``Spacing``, which centres the grid
+    instead when floating-point noise in an oblique header (NIfTI stores it in float32) makes its corner test fail, the
+    grid here depends only on the voxel data and the voxel sizes, so the same scan under a rotated or shifted header
+    gives the same network input (to float rounding, ~1e-6).
+
+    Args:
+        keys: image / label keys (``MetaTensor`` ``(C, I, J, K)`` with affines).
+        pixdim: output voxel size (mm).
+        mode: ``bilinear`` or ``nearest``, one for all keys or one per key.
+        allow_missing_keys: skip missing keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        pixdim: float,
+        mode: str | Sequence[str] = "bilinear",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = float(pixdim)
+        modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"IsotropicSpacingd: expected one mode or {len(self.keys)}, got {mode!r}.")
+        self.modes = dict(zip(self.keys, modes))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from ..geometry import resample
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            a_in = torch.as_tensor(getattr(img, "affine", torch.eye(4)), dtype=torch.float64).cpu()
+            spacing = a_in[:3, :3].norm(dim=0)
+            scale = self.pixdim / spacing
+            a_out = a_in @ torch.diag(torch.cat([scale, torch.ones(1, dtype=torch.float64)]))
+            shape = [max(1, int(np.round((int(n) - 1) / float(f) + 1.0))) for n, f in zip(img.shape[1:], scale)]
+            x = torch.as_tensor(img.as_tensor() if isinstance(img, MetaTensor) else img)
+            if not x.is_floating_point():
+                x = x.float()
+            out = resample(x[None], torch.eye(4, dtype=torch.float64), shape, a_out, a_in, mode=self.modes[key])[0]
+            meta = dict(getattr(img, "meta", {}))
+            meta.pop("affine", None)
+            d[key] = MetaTensor(out, affine=a_out.to(torch.float64), meta=meta)
+        return d
+
+
+class AbovePercentile:
+    """Foreground selection for ``CropForeground``: voxels above the ``percentile`` of the whole image (by more than
+    1e-4 of the image's range above it).
+
+    With the 0.5th percentile this is the foreground that percentile intensity scaling would keep above 0, computed
+    before the scaling, so that the scaling percentiles can then be taken inside the foreground box (a small brain in
+    a large, mostly empty field of view is not saturated by percentiles of the empty space)."""
+
+    def __init__(self, percentile: float = 0.5) -> None:
+        self.percentile = float(percentile)
+
+    def __call__(self, img: Any) -> Any:
+        x = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        low = float(np.percentile(x, self.percentile))
+        # 1e-4 of the range above it: interpolation rounding (1e-7 of a neighbour leaking into an empty voxel) is not
+        # foreground, or the same content would crop differently on differently placed grids
+        return img > low + 1e-4 * (float(x.max()) - low)
 
 
 def preprocessing_transforms(
@@ -209,13 +401,21 @@ def preprocessing_transforms(
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
     source_keys: Mapping[str, str] | None = None,
+    on_disjoint: str = "warn",
+    refine_pixdim: float | None = None,
 ) -> list[Transform]:
     """The preprocessing that brings any NIfTI to the network's input, keeping each image's world affine.
 
-    Load (checked) -> RAS orientation -> isotropic ``pixdim`` spacing -> robust intensity scaling to [0, 1]
-    (percentiles) -> crop to the foreground -> centre-pad / crop to a ``spatial_size`` cube. With the defaults the
+    Load (checked) -> world-overlap check of the two images -> RAS orientation -> isotropic ``pixdim`` spacing
+    (:class:`IsotropicSpacingd`, anchored at voxel 0 whatever the header's rotation) ->
+    crop to the foreground (voxels above the image's ``lower_percentile``) -> robust intensity scaling to [0, 1]
+    (percentiles inside that foreground box) -> centre-pad / crop to a ``spatial_size`` cube. With the defaults the
     cube spans 256 mm, so a brain rotated by any angle about its centre is not cropped. Every step updates the
     ``MetaTensor`` affine, so network-space keypoints map back to each original image exactly.
+
+    The percentiles are taken inside the foreground box rather than over the whole field of view, so that a brain in a
+    large, mostly empty field of view (e.g. 512 x 512 x 400 voxels) is scaled like the same brain in a tight one.
+    Resampling runs in float32 (the input of a large field of view is not copied to float64).
 
     Args:
         image_keys: image keys.
@@ -225,6 +425,11 @@ def preprocessing_transforms(
         lower_percentile, upper_percentile: intensity percentiles mapped to 0 and 1 (clipped).
         source_keys: for each label key, the image key whose foreground defines the crop (default: the label
             key with ``_label`` replaced by ``_image``).
+        on_disjoint: with two image keys, what to do when their fields of view do not overlap in world space
+            (``warn``, ``error`` or ``ignore``; see :class:`CheckWorldOverlapd`).
+        refine_pixdim: if given, each image key ``<side>_image`` is also copied (after the RAS step) to
+            ``refine_<side>`` at ``refine_pixdim`` mm voxels, cropped to its foreground and scaled like the network
+            input, but not padded to the cube: the finer images an intensity-based refinement polishes on.
 
     Note:
         MONAI 1.6 treats every key that starts with ``<image key>_`` as that image's metadata dictionary, so image
@@ -240,21 +445,59 @@ def preprocessing_transforms(
     modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
     source_keys = dict(source_keys or {})
     out: list[Transform] = [LoadVolumed(image_keys, allow_missing_keys=True)]
+    if len(image_keys) == 2:
+        out.append(CheckWorldOverlapd(image_keys, on_disjoint=on_disjoint, allow_missing_keys=True))
     if label_keys:
         out.append(LoadVolumed(label_keys, allow_missing_keys=True, reject_constant=False))
     out += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
-        Spacingd(keys, pixdim=pixdim, mode=modes, padding_mode="zeros", allow_missing_keys=True),
-        ScaleIntensityRangePercentilesd(
-            image_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
-        ),
+        IsotropicSpacingd(keys, pixdim=pixdim, mode=modes, allow_missing_keys=True),
     ]
     for key in image_keys:
         crop_keys = [key] + [lab for lab in label_keys if source_keys.get(lab, lab.replace("_label", "_image")) == key]
         out.append(
             CropForegroundd(
-                crop_keys, source_key=key, start_coord_key=None, end_coord_key=None, allow_missing_keys=True
+                crop_keys,
+                source_key=key,
+                select_fn=AbovePercentile(lower_percentile),
+                start_coord_key=None,
+                end_coord_key=None,
+                allow_missing_keys=True,
             )
         )
-    out.append(ResizeWithPadOrCropd(keys, spatial_size=spatial_size, allow_missing_keys=True))
+    out += [
+        ScaleIntensityRangePercentilesd(
+            image_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
+        ),
+        ResizeWithPadOrCropd(keys, spatial_size=spatial_size, allow_missing_keys=True),
+    ]
+    if refine_pixdim is not None:
+        refine_keys = [refine_key(k) for k in image_keys]
+        steps: list[Transform] = [
+            CopyItemsd(image_keys, names=refine_keys, allow_missing_keys=True),
+            IsotropicSpacingd(refine_keys, pixdim=float(refine_pixdim), allow_missing_keys=True),
+        ]
+        steps += [
+            CropForegroundd(
+                key,
+                source_key=key,
+                select_fn=AbovePercentile(lower_percentile),
+                start_coord_key=None,
+                end_coord_key=None,
+                allow_missing_keys=True,
+            )
+            for key in refine_keys
+        ]
+        steps.append(
+            ScaleIntensityRangePercentilesd(
+                refine_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
+            )
+        )
+        at = next(i for i, t in enumerate(out) if isinstance(t, Orientationd)) + 1
+        out = out[:at] + steps + out[at:]
     return out
+
+
+def refine_key(image_key: str) -> str:
+    """Key of the refinement copy of an image key: ``fixed_image`` -> ``refine_fixed``."""
+    return "refine_" + image_key.removesuffix("_image")
