@@ -139,7 +139,7 @@ class _KeyMorph:
         from monai.bundle import ConfigParser
         from monai.data import list_data_collate
 
-        from custom_nets.io import sha256_file
+        from custom_nets.handlers import VerifiedCheckpointLoader
 
         parser = ConfigParser()
         parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
@@ -147,11 +147,11 @@ class _KeyMorph:
         parser["refine"] = bool(refine)
         self.device = parser.get_parsed_content("device")
         self.network = parser.get_parsed_content("network").eval()
+        large_files = str(ROOT / "bundle" / "large_files.yml")
         ckpt = parser.get_parsed_content("ckpt_path")
-        expected = _large_file_sha(ROOT / "bundle" / "large_files.yml", Path(ckpt).name)
-        if expected is not None and sha256_file(ckpt) != expected:
-            raise RuntimeError(f"{ckpt}: SHA-256 differs from large_files.yml.")
-        self.network.load_state_dict(torch.load(ckpt, map_location=self.device, weights_only=True))
+        VerifiedCheckpointLoader(
+            ckpt, {"model": self.network}, large_files=large_files, map_location=self.device
+        ).load()
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.prepare = parser.get_parsed_content("prepare_batch")
         self.collate, self.torch = list_data_collate, torch
@@ -162,15 +162,6 @@ class _KeyMorph:
         with self.torch.no_grad():
             out = self.network(moving, *args, **kwargs)
         return out.fixed_to_moving[0].double().cpu().numpy()
-
-
-def _large_file_sha(path: Path, name: str) -> str | None:
-    import yaml
-
-    for item in yaml.safe_load(path.read_text()).get("large_files", []):
-        if Path(item.get("path", "")).name == name:
-            return item.get("hash_val")
-    return None
 
 
 def _itk_matrix(matrix: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> np.ndarray:

@@ -3,8 +3,6 @@ inference writer. Each has ``attach(engine)``, so MONAI engines take them in ``t
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import logging
 import os
 import re
@@ -23,7 +21,7 @@ from .data.datasets import FAILURE_KEY, FAILURES_KEY
 from .engines import SUCCESS_MM, RegistrationFailure
 from .fits import ThinPlateSpline
 from .geometry import resample
-from .io import atomic_write, save_registration_png, sha256_file, write_itk_affine, write_json
+from .io import atomic_write, save_registration_png, sha256_file, write_csv, write_itk_affine, write_json
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -542,12 +540,7 @@ class RegistrationReport:
 
     def write(self, engine: Engine | None = None) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        buf = _io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        text = buf.getvalue()
-        atomic_write(self.output_dir / f"{self.prefix}metrics.csv", lambda tmp: Path(tmp).write_text(text))
+        write_csv(self.output_dir / f"{self.prefix}metrics.csv", self.rows, self.COLUMNS)
         summary = self.summary()
         write_json(self.output_dir / f"{self.prefix}summary.json", summary)
         logger.info("evaluation summary: %s", summary["overall"])
@@ -736,12 +729,7 @@ class RegistrationWriter:
     def finish(self, engine: Engine | None = None) -> None:
         """Write ``results.csv`` and ``failures.json``, log the count, and raise if any pair failed (see above)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        buf = _io.StringIO()
-        table = csv.DictWriter(buf, fieldnames=list(self.STATUS_COLUMNS), extrasaction="ignore")
-        table.writeheader()
-        table.writerows(self.results)
-        text = buf.getvalue()
-        atomic_write(self.output_dir / "results.csv", lambda tmp: Path(tmp).write_text(text))
+        write_csv(self.output_dir / "results.csv", self.results, self.STATUS_COLUMNS)
         write_json(self.output_dir / "failures.json", self.failures)
         total, failed = len(self.results), len(self.failures)
         if not failed:

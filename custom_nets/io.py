@@ -12,11 +12,13 @@ renamed into place, so a crash or an exception never leaves a half-written file 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "sha256_file",
     "to_jsonable",
     "write_json",
+    "write_csv",
     "write_itk_affine",
     "read_itk_affine",
     "registration_figure",
@@ -172,6 +175,16 @@ def _write_text(path: Path, text: str) -> None:
     """The text writer used by the atomic writers of this module (UTF-8)."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
+
+
+def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV with the header ``columns`` (other keys ignored) atomically; returns the path."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    text = buf.getvalue()
+    return atomic_write(path, lambda tmp: _write_text(Path(tmp), text))
 
 
 def write_json(path: PathLike, obj: Any) -> Path:

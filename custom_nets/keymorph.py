@@ -363,7 +363,7 @@ class KeyMorph(nn.Module):
                     for k, v in enumerate(chunk):
                         detected[v] = (points[k : k + 1], mass[k : k + 1])
             world, values = self._search_sample(fixed[i : i + 1], a_f[i : i + 1])
-            best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
             for p_mov, m_mov in detected:  # type: ignore[misc]
                 weights = self._weights(m_fix[i : i + 1], m_mov)
                 try:
@@ -377,10 +377,10 @@ class KeyMorph(nn.Module):
                 )
                 score = float(self.search_similarity(sampled, values))
                 if best is None or score < best[0]:
-                    best = (score, f2m, m2f, p_mov, m_mov, weights)
+                    best = (score, f2m, m2f, p_mov, weights)
             if best is None:
                 raise DegenerateKeypointsError(f"batch item {i}: no orientation of the moving image gave a valid fit.")
-            _, f2m, m2f, p_mov, _, weights = best
+            _, f2m, m2f, p_mov, weights = best
             warped = resample(
                 moving[i : i + 1], f2m, fixed.shape[2:], a_f[i : i + 1], a_m[i : i + 1], mode, padding_mode
             )

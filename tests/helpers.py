@@ -6,6 +6,23 @@ import math
 
 import torch
 
+#: Bundle CLI overrides for a tiny, fast network (32^3 at 8 mm, K = 16); refinement (on in inference) runs on 8 mm
+#: copies, so its path is tested cheaply.
+TINY = [
+    "--spatial_size",
+    "32",
+    "--pixdim",
+    "8.0",
+    "--num_keypoints",
+    "16",
+    "--detector#channels",
+    "[8, 16, 16]",
+    "--detector#pool_after",
+    "[0, 1]",
+    "--refine_pixdim",
+    "8.0",
+]
+
 
 def random_rotation(gen: torch.Generator, max_angle: float = math.pi, dtype=torch.float64) -> torch.Tensor:
     """A random proper rotation (3 x 3) about a random axis by an angle up to ``max_angle``."""

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 
 from custom_nets.data import write_demo_data
 from custom_nets.handlers import find_checkpoints
@@ -25,20 +26,6 @@ from custom_nets.io import read_itk_affine
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
-TINY = [
-    "--spatial_size",
-    "32",
-    "--pixdim",
-    "8.0",
-    "--num_keypoints",
-    "16",
-    "--detector#channels",
-    "[8, 16, 16]",
-    "--detector#pool_after",
-    "[0, 1]",
-    "--refine_pixdim",  # refinement (on in inference) on 8 mm copies: the path is tested, cheaply
-    "8.0",
-]
 TRAIN = ["--train#epoch_length", "2", "--validate#num_pairs", "2", "--checkpoint_every", "1"]
 
 

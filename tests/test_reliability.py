@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import TINY
 from monai.data import MetaTensor
 
 from custom_nets import ConvNetDetector, KeyMorph
@@ -52,20 +53,6 @@ from custom_nets.handlers import (
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
-TINY = [
-    "--spatial_size",
-    "32",
-    "--pixdim",
-    "8.0",
-    "--num_keypoints",
-    "16",
-    "--detector#channels",
-    "[8, 16, 16]",
-    "--detector#pool_after",
-    "[0, 1]",
-    "--refine_pixdim",  # refinement (on in inference) on 8 mm copies: the path is tested, cheaply
-    "8.0",
-]
 
 
 def _tiny_net() -> KeyMorph:

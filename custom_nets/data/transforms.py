@@ -455,16 +455,7 @@ def preprocessing_transforms(
     ]
     for key in image_keys:
         crop_keys = [key] + [lab for lab in label_keys if source_keys.get(lab, lab.replace("_label", "_image")) == key]
-        out.append(
-            CropForegroundd(
-                crop_keys,
-                source_key=key,
-                select_fn=AbovePercentile(lower_percentile),
-                start_coord_key=None,
-                end_coord_key=None,
-                allow_missing_keys=True,
-            )
-        )
+        out.append(_foreground_crop(crop_keys, key, lower_percentile))
     out += [
         ScaleIntensityRangePercentilesd(
             image_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
@@ -477,17 +468,7 @@ def preprocessing_transforms(
             CopyItemsd(image_keys, names=refine_keys, allow_missing_keys=True),
             IsotropicSpacingd(refine_keys, pixdim=float(refine_pixdim), allow_missing_keys=True),
         ]
-        steps += [
-            CropForegroundd(
-                key,
-                source_key=key,
-                select_fn=AbovePercentile(lower_percentile),
-                start_coord_key=None,
-                end_coord_key=None,
-                allow_missing_keys=True,
-            )
-            for key in refine_keys
-        ]
+        steps += [_foreground_crop([key], key, lower_percentile) for key in refine_keys]
         steps.append(
             ScaleIntensityRangePercentilesd(
                 refine_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
@@ -496,6 +477,18 @@ def preprocessing_transforms(
         at = next(i for i, t in enumerate(out) if isinstance(t, Orientationd)) + 1
         out = out[:at] + steps + out[at:]
     return out
+
+
+def _foreground_crop(keys: list[str], source_key: str, lower_percentile: float) -> CropForegroundd:
+    """Crop ``keys`` to the box of ``source_key``'s voxels above its ``lower_percentile``."""
+    return CropForegroundd(
+        keys,
+        source_key=source_key,
+        select_fn=AbovePercentile(lower_percentile),
+        start_coord_key=None,
+        end_coord_key=None,
+        allow_missing_keys=True,
+    )
 
 
 def refine_key(image_key: str) -> str:
