@@ -11,7 +11,7 @@ LABEL_PY := $(LABEL_VENV)/bin/python
 STUDIES ?= studies
 LABEL_PORT ?= 8000
 
-.PHONY: install label-install label-serve test demo release clean bench bench-quick bench-memory
+.PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/bench_registration.py main --mode quick --out_dir bench_out_quick
+
+# The shipped weights on 100 held-out synthetic pairs (10 per angle bin x cross / same contrast), with and without
+# refinement: the model card's weights table, in bench_weights/.
+bench-weights: install
+	$(PY) benchmarks/bench_registration.py main --mode weights --methods keymorph,keymorph_refine --out_dir bench_weights
 
 # Peak resident memory of the bundle's inference on a 1 mm 256^3 pair, and over 50 consecutive pairs (prints figures).
 bench-memory: install

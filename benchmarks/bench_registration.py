@@ -2,6 +2,8 @@
 
     python benchmarks/bench_registration.py --mode quick --out_dir bench_out      # a few minutes (CI)
     python benchmarks/bench_registration.py --mode full --out_dir bench_out       # the model card's table
+    python benchmarks/bench_registration.py --mode weights --methods keymorph,keymorph_refine --out_dir bench_weights
+                                                 # the shipped weights: 10 pairs per angle bin and contrast setting
 
 Pairs (written as NIfTI under ``out_dir/pairs``, 2 mm voxels, a 256 mm cube so any rotation keeps the head):
 
@@ -26,9 +28,9 @@ run), peak resident memory of the method's process. Writes ``results.csv``, ``su
 
 from __future__ import annotations
 
-import csv
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -49,6 +51,8 @@ MODES = {
         "per_angle": 2,
         "sources": ("synthetic", "synthetic_same", "mni"),
     },
+    # the shipped weights' evaluation (model card): 10 held-out synthetic pairs per angle bin and per contrast setting
+    "weights": {"angles": (0, 45, 90, 135, 180), "per_angle": 10, "sources": ("synthetic", "synthetic_same")},
 }
 SUCCESS_MM = 2.0
 THREADS = 2
@@ -71,6 +75,7 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
     from custom_nets.data import BrainSynthesizer, random_affine_matrix, save_nifti, subject_seed
     from custom_nets.data.template import BRAIN_CENTRE_MNI, load_tissue_template
     from custom_nets.geometry import resample
+    from custom_nets.io import write_json
 
     cfg = MODES[mode]
     out = Path(out_dir) / "pairs"
@@ -126,7 +131,7 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
                     }  # fmt: skip
                 )
                 k += 1
-    (Path(out_dir) / "pairs.json").write_text(json.dumps(pairs, indent=1))
+    write_json(Path(out_dir) / "pairs.json", pairs)
     return pairs
 
 
@@ -147,6 +152,7 @@ class _KeyMorph:
         parser["refine"] = bool(refine)
         self.device = parser.get_parsed_content("device")
         self.network = parser.get_parsed_content("network").eval()
+        self.settings = {"device": str(self.device), "amp": bool(self.network.amp)}
         large_files = str(ROOT / "bundle" / "large_files.yml")
         ckpt = parser.get_parsed_content("ckpt_path")
         VerifiedCheckpointLoader(
@@ -241,7 +247,21 @@ def run_method(method: str, pairs_json: str, out_json: str) -> None:
         )
         print(f"{method} {pair['id']}: {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     peak_mb = _peak_rss_mb()
-    Path(out_json).write_text(json.dumps({"method": method, "setup_s": setup, "peak_mb": peak_mb, "pairs": results}))
+    run = {"method": method, "setup_s": setup, "peak_mb": peak_mb, "settings": getattr(reg, "settings", {})}
+    tmp = Path(f"{out_json}.tmp")  # not custom_nets.io: the baselines' processes must not load MONAI (peak memory)
+    tmp.write_text(json.dumps({**run, "pairs": results}))
+    os.replace(tmp, out_json)
+
+
+def _cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _peak_rss_mb() -> float:
@@ -322,6 +342,7 @@ def _summarise(pairs: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> 
             "cpu_seconds_per_pair": cpu.get(method),
             "cpu_vs_ants": (cpu[method] / cpu["ants"]) if method in cpu and "ants" in cpu else None,
             "setup_s": run["setup_s"],
+            "settings": run.get("settings", {}),
             "peak_mb": run["peak_mb"],
             "by_angle": angles,
             "by_source": sources,
@@ -413,22 +434,27 @@ def main(mode: str = "quick", out_dir: str = "bench_out", methods: str | tuple =
 
 def report(out_dir: str, mode: str = "quick", methods: str | tuple = METHODS) -> dict:
     """Score the runs saved in ``out_dir`` (``run_<method>.json``) and write the table, the CSV and the plot."""
+    from custom_nets.io import atomic_write, write_csv, write_json
+
     methods = tuple(methods.split(",")) if isinstance(methods, str) else tuple(methods)
     out = Path(out_dir)
     pairs = json.loads((out / "pairs.json").read_text())
     runs = {m: json.loads((out / f"run_{m}.json").read_text()) for m in methods}
     rows, summary = _summarise(pairs, runs)
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_csv(out / "results.csv", rows, list(rows[0]))
+    write_json(out / "summary.json", summary)
     table = _table(summary)
-    header = (
-        f"{len(pairs)} pairs ({mode} mode), {os.cpu_count()} CPU cores, {THREADS} threads per method. CPU s: process "
-        "CPU time (all threads), which another load on the machine inflates far less than the wall time.\n\n"
+    settings = "; ".join(
+        f"{m}: {', '.join(f'{k} {v}' for k, v in run['settings'].items())}"
+        for m, run in runs.items()
+        if run.get("settings")
     )
-    (out / "table.md").write_text(header + table)
+    header = (
+        f"{len(pairs)} pairs ({mode} mode), {os.cpu_count()} CPU cores ({_cpu_name()}), "
+        f"{THREADS} threads per method{f' ({settings})' if settings else ''}. CPU s: process CPU time (all threads), "
+        "which another load on the machine inflates far less than the wall time.\n\n"
+    )
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(header + table))
     _plot(rows, out / "robustness.png")
     print(header + table)
     return summary

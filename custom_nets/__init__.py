@@ -6,7 +6,7 @@ Coordinate convention: see :mod:`custom_nets.geometry`.
 from .detectors import ConvNetDetector, TruncatedUNetDetector
 from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_affine, fit_rigid, fit_tps, fit_transform
 from .geometry import resample
-from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput
+from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput, amp_supported
 from .keypoints import CenterOfMass, power_weights
 from .refine import AffineRefiner
 
@@ -22,6 +22,7 @@ __all__ = [
     "TRANSFORM_TYPES",
     "ThinPlateSpline",
     "TruncatedUNetDetector",
+    "amp_supported",
     "fit_affine",
     "fit_rigid",
     "fit_tps",

@@ -22,9 +22,25 @@ from .geometry import (
 from .keypoints import CenterOfMass, power_weights
 from .search import cube_rotations, rotate_volume
 
-__all__ = ["KeyMorph", "KeyMorphOutput", "TRANSFORM_TYPES"]
+__all__ = ["KeyMorph", "KeyMorphOutput", "TRANSFORM_TYPES", "amp_supported"]
 
 TRANSFORM_TYPES = ("rigid", "affine", "tps")
+AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}  # the detector's autocast type per device type
+
+
+def amp_supported(device: torch.device | str) -> bool:
+    """Whether the detector can run under autocast on ``device`` with a gain: CUDA (float16), or a CPU whose oneDNN
+    runs bfloat16 convolutions natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported``; on other CPUs bfloat16 is
+    emulated and slower than float32)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or differently built torch: stay in float32
+        return False
 
 
 @dataclass
@@ -103,6 +119,10 @@ class KeyMorph(nn.Module):
         refiner: optional module polishing affine results at inference (eval mode), called as
             ``refiner(moving, fixed, fixed_to_moving, moving_affine, fixed_affine)``, e.g.
             :class:`~custom_nets.refine.AffineRefiner`; the keypoints stay those of the detector.
+        amp: at inference (eval mode), run the detector under ``torch.autocast`` (float16 on CUDA, bfloat16 on the
+            CPU; see :func:`amp_supported`). The heatmaps return to float32 before the centre of mass, and the fits
+            stay in float64, so keypoints move by a small fraction of a voxel; with the orientation search the
+            detector is most of the inference time. Training precision is the trainer's (``amp`` in train.json).
     """
 
     def __init__(
@@ -117,6 +137,7 @@ class KeyMorph(nn.Module):
         refiner: nn.Module | None = None,
         search_samples: int = 20000,
         search_batch: int = 8,
+        amp: bool = False,
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -132,6 +153,7 @@ class KeyMorph(nn.Module):
         self.search_similarity = search_similarity
         self.search_samples, self.search_batch = int(search_samples), max(1, int(search_batch))
         self.refiner = refiner
+        self.amp = bool(amp)
 
     @staticmethod
     def _check_type(transform_type: str) -> str:
@@ -154,7 +176,13 @@ class KeyMorph(nn.Module):
         affine = getattr(image, "affine", None) if affine is None else affine
         image = as_tensor(image)
         _check_content(image, name)
-        heat = self.detector(image)
+        kind = image.device.type
+        if self.amp and not self.training and kind in AMP_DTYPES and not torch.jit.is_tracing():
+            with torch.autocast(kind, dtype=AMP_DTYPES[kind]):
+                heat = self.detector(image)
+            heat = heat.float()
+        else:
+            heat = self.detector(image)
         points, mass = self.com(heat)
         vox = heatmap_to_voxel(points, heat.shape[2:], image.shape[2:])
         a = batch_affine(affine, image.shape[0], image.device)

@@ -55,8 +55,13 @@ class AffineRefiner(nn.Module):
             Sampling the fixed image only at its voxel centres biases mutual information towards transforms that
             put the moving samples on its own grid (the interpolation artefact of MI); jittered samples remove most
             of it (cross-contrast median error 0.35 mm instead of 0.56 mm on 2 mm synthetic pairs).
-        max_update: a refinement that moves any fixed-foreground point by more than this (mm) from the start is
-            rejected and the start kept: polishing must not undo a correct keypoint result.
+        max_update: a refinement that moves the fixed foreground by more than this on average (mm) from the start
+            is rejected and the start kept: polishing must not wander off to another optimum. The bound is on the
+            mean, not the maximum: a keypoint affine 18 mm off on average (the worst of 142 benchmark pairs) needs
+            over 50 mm of correction at the far corners of the head, and the refinement got it right.
+
+    A result is also rejected, and the start kept, when its mutual information on the finest level's sample is lower
+    than the start's (a multi-resolution optimisation can end worse than it began).
         seed: seed of the sample draw (the refinement is deterministic).
 
     Shapes:
@@ -73,7 +78,7 @@ class AffineRefiner(nn.Module):
         translation_scale_mm: float = 20.0,
         samples: int | None = 20000,
         margin_mm: float = 8.0,
-        max_update: float = 20.0,
+        max_update: float = 40.0,
         jitter: bool = True,
         seed: int = 0,
     ) -> None:
@@ -82,7 +87,7 @@ class AffineRefiner(nn.Module):
             raise ValueError(f"expected one iteration count per level, got {factors} and {iterations}.")
         self.factors, self.iterations = tuple(int(f) for f in factors), tuple(int(n) for n in iterations)
         self.max_inner, self.scale = int(max_inner), float(translation_scale_mm)
-        self.similarity = GlobalMutualInformationLoss(num_bins=num_bins)
+        self.similarity = GlobalMutualInformationLoss(num_bins=num_bins, reduction="none")
         self.samples, self.margin_mm, self.max_update = samples, float(margin_mm), float(max_update)
         self.seed = int(seed)
         self.jitter = bool(jitter)
@@ -116,24 +121,41 @@ class AffineRefiner(nn.Module):
             return start @ m
 
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        check: tuple[torch.Tensor, torch.Tensor] | None = None
         with torch.enable_grad():
             for factor, steps in zip(self.factors, self.iterations):
                 mov, a_mov = _downsample(moving.float(), a_m, factor)
                 fix, a_fix = _downsample(fixed.float(), a_f, factor)
                 vox, fix_values, inside = self._sample(fix, a_fix, gen)
                 world = apply_affine(a_fix, vox)  # (B, N, 3) fixed world points of the sample
-                if check is None:  # the first level's sample checks the size of the update
-                    check = (world, inside)
                 self._optimise([lin, shift], current, world, mov, a_mov, fix_values, steps)
         refined = current().detach()
         finite = torch.isfinite(refined).flatten(1).all(dim=1)
         refined = torch.where(finite[:, None, None], refined, start)
-        points, inside = check
-        moved = (apply_affine(refined, points) - apply_affine(start, points)).norm(dim=-1)
-        keep = ~finite | (moved.masked_fill(~inside, 0.0).amax(dim=-1) > self.max_update)
+        # the finest level's sample checks the result: size of the update, and no loss of similarity
+        moved = (apply_affine(refined, world) - apply_affine(start, world)).norm(dim=-1).masked_fill(~inside, 0.0)
+        too_far = moved.sum(dim=-1) > self.max_update * inside.sum(dim=-1).clamp(min=1)
+        with torch.no_grad():
+            worse = self._similarity(refined, world, mov, a_mov, fix_values) > self._similarity(
+                start, world, mov, a_mov, fix_values
+            )
+        keep = ~finite | too_far | worse
         refined[keep] = start[keep]
         return refined.to(fixed_to_moving.dtype)
+
+    def _similarity(
+        self,
+        fixed_to_moving: torch.Tensor,
+        world: torch.Tensor,
+        moving: torch.Tensor,
+        moving_affine: torch.Tensor,
+        fixed_values: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-item loss ``(B,)`` (negative mutual information) of ``moving`` sampled at ``fixed_to_moving @ world``
+        against ``fixed_values`` ``(B, 1, N, 1, 1)``; ``world``: ``(B, N, 3)`` mm."""
+        moved = world_to_voxel(apply_affine(fixed_to_moving, world), moving_affine)
+        grid = voxel_to_normalized(moved, moving.shape[2:]).to(moving.dtype)[:, :, None, None]
+        values = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return self.similarity(values, fixed_values).reshape(world.shape[0])
 
     def _optimise(
         self,
@@ -151,10 +173,7 @@ class AffineRefiner(nn.Module):
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            moved = world_to_voxel(apply_affine(current(), world), moving_affine)
-            grid = voxel_to_normalized(moved, moving.shape[2:]).to(moving.dtype)[:, :, None, None]
-            values = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            loss = self.similarity(values, fixed_values) * world.shape[0]  # the loss averages over the batch
+            loss = self._similarity(current(), world, moving, moving_affine, fixed_values).sum()
             loss.backward()
             return loss
 

@@ -167,3 +167,30 @@ def test_collapsed_keypoints_are_a_clear_error():
     for kind in ("rigid", "affine", "tps"):
         with pytest.raises(DegenerateKeypointsError, match="batch item 0"):
             KeyMorph(OnePeak(), transform_type=kind)(good, good)
+
+
+def test_amp_runs_the_detector_in_low_precision_at_inference_only():
+    """``amp``: the detector's convolutions run in bfloat16 on the CPU in eval mode (not in training), the keypoints
+    come back as float32 world mm, within a small fraction of a voxel of the float32 ones."""
+    gen = torch.Generator().manual_seed(3)
+    img = smooth_image((32, 32, 32), gen)
+    affine = grid_affine((2.0, 2.0, 2.0), gen)
+    km, fp32 = KeyMorph(_small_detector(), amp=True), KeyMorph(_small_detector())
+    seen = []
+    km.detector.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad():
+        p_amp, m_amp = km.eval().detect(img, affine)
+        p_ref, m_ref = fp32.eval().detect(img, affine)
+        km.train().detect(img, affine)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert p_amp.dtype == torch.float32 and m_amp.dtype == torch.float32
+    err = (p_amp - p_ref)[(m_amp > 0) & (m_ref > 0)].norm(dim=-1)
+    assert 0 < err.max() < 0.25 * 2.0, err.max()  # changed (it did run in bfloat16), by < a quarter voxel
+
+
+def test_amp_supported_answers_for_the_devices_it_knows():
+    from custom_nets import amp_supported
+
+    assert amp_supported("cuda") == torch.cuda.is_available()
+    assert amp_supported("meta") is False
+    assert isinstance(amp_supported("cpu"), bool)
