@@ -426,9 +426,19 @@ def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, s
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     cli = json.loads((out / f"{ATLAS_STEM}_t1.json").read_text())
-    # (this venv's torch may differ from the server's: float32 rounding only)
-    for key in ("fixed_to_moving_ras", "moving_to_fixed_ras", "keypoints_fixed_ras_mm", "keypoints_moving_ras_mm"):
-        assert np.abs(np.asarray(cli[key]) - np.asarray(result[key])).max() < 1e-3, key
+    # This venv's torch build differs from the server's. The detector's keypoints agree to float32 rounding. The
+    # matrices come out of the refinement, an iterative optimiser (L-BFGS, line search) whose path the rounding of
+    # two builds nudges: seen up to 2e-3 mm, against the refinement's own error of ~0.3 mm; a pipeline difference
+    # would show in mm.
+    for key, tol in (
+        ("keypoints_fixed_ras_mm", 1e-3),
+        ("keypoints_moving_ras_mm", 1e-3),
+        ("fixed_to_moving_ras", 1e-2),
+        ("moving_to_fixed_ras", 1e-2),
+    ):
+        diff = np.abs(np.asarray(cli[key]) - np.asarray(result[key])).max()
+        print(f"server vs CLI, {key}: {diff:.2e}")
+        assert diff < tol, (key, diff)
     cli_label = np.asarray(nib.load(str(out / f"{ATLAS_STEM}_t1_label_warped.nii.gz")).dataobj)
     assert (cli_label == pred).mean() > 0.999
 
