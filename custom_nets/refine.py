@@ -40,6 +40,9 @@ class AffineRefiner(nn.Module):
     ``translation_scale_mm``, so rotations and translations take comparable steps:
     ``T = T0 @ C (I + L, s t) C^-1``, ``L`` (3 x 3) and ``t`` (3) starting at zero. Each level average-pools both
     images by its factor and runs ``iterations`` L-BFGS steps (strong-Wolfe line search) on a fixed sample of voxels.
+    The result is checked on the finest level's sample: it is rejected, and the start kept, if its mutual information
+    there is lower than the start's (a multi-resolution optimisation can end worse than it began), if it moved too far
+    (``max_update``), or if it is not finite.
 
     Args:
         factors: downsampling factor of each level, coarse first.
@@ -59,9 +62,6 @@ class AffineRefiner(nn.Module):
             is rejected and the start kept: polishing must not wander off to another optimum. The bound is on the
             mean, not the maximum: a keypoint affine 18 mm off on average (the worst of 142 benchmark pairs) needs
             over 50 mm of correction at the far corners of the head, and the refinement got it right.
-
-    A result is also rejected, and the start kept, when its mutual information on the finest level's sample is lower
-    than the start's (a multi-resolution optimisation can end worse than it began).
         seed: seed of the sample draw (the refinement is deterministic).
 
     Shapes:
