@@ -22,10 +22,23 @@ from .geometry import (
 from .keypoints import CenterOfMass, power_weights
 from .search import cube_rotations, rotate_volume
 
-__all__ = ["KeyMorph", "KeyMorphOutput", "TRANSFORM_TYPES", "amp_supported"]
+__all__ = ["KeyMorph", "KeyMorphOutput", "TRANSFORM_TYPES", "amp_supported", "keypoint_residual_mm"]
 
 TRANSFORM_TYPES = ("rigid", "affine", "tps")
 AMP_DTYPES = {"cuda": torch.float16, "cpu": torch.bfloat16}  # the detector's autocast type per device type
+SEARCH_RANKS = ("residual", "similarity")
+
+
+def keypoint_residual_mm(
+    keypoints_fixed: torch.Tensor, keypoints_moving: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted RMS residual ``(B,)`` (mm) of the weighted least-squares affine fit of ``keypoints_fixed`` onto
+    ``keypoints_moving`` (both ``(B, K, 3)`` world mm; ``weights`` ``(B, K)``): how far the two keypoint sets are from
+    corresponding through an affine map. Raises :class:`DegenerateKeypointsError` like the fit."""
+    a = fit_transform("affine", keypoints_fixed, keypoints_moving, weights).to(torch.float64)
+    r2 = (apply_affine(a, keypoints_fixed.to(torch.float64)) - keypoints_moving.to(torch.float64)).square().sum(-1)
+    w = weights.to(torch.float64)
+    return ((w * r2).sum(-1) / w.sum(-1).clamp(min=1e-12)).sqrt()
 
 
 def amp_supported(device: torch.device | str) -> bool:
@@ -109,16 +122,22 @@ class KeyMorph(nn.Module):
         weighted: use KeyMorph's heatmap-power keypoint weights; if False, every non-empty keypoint weighs 1.
         com_eps: heatmap mass at or below which a keypoint counts as absent (see :class:`CenterOfMass`).
         orientation_search: at inference (eval mode), detect the moving keypoints in each of the 24 axis-aligned
-            orientations of its voxel grid and keep the fit whose warped image is most similar to the fixed one
-            (see :mod:`custom_nets.search`): a detector accurate within about 45 degrees then covers any rotation,
-            for 24 detector passes instead of one.
-        search_similarity: the loss that ranks the candidates (lower is better); default MONAI's
-            ``GlobalMutualInformationLoss`` (any contrast).
-        search_samples: fixed-foreground voxels the candidates are ranked on.
+            orientations of its voxel grid and keep the best view (``search_rank``; see :mod:`custom_nets.search`):
+            a detector accurate within about 45 degrees then covers any rotation, for 24 detector passes instead of
+            one.
+        search_similarity: the loss that ranks the candidates with ``search_rank="similarity"`` (lower is better);
+            default MONAI's ``GlobalMutualInformationLoss`` (any contrast).
+        search_samples: fixed-foreground voxels the candidates are ranked on (``search_rank="similarity"``).
         search_batch: views of the moving image per detector pass during the search.
         refiner: optional module polishing affine results at inference (eval mode), called as
             ``refiner(moving, fixed, fixed_to_moving, moving_affine, fixed_affine)``, e.g.
             :class:`~custom_nets.refine.AffineRefiner`; the keypoints stay those of the detector.
+        search_rank: how the orientation search picks its view. ``"residual"`` (default): the smallest weighted RMS
+            residual of an affine fit to the keypoints (:func:`keypoint_residual_mm`): in the right view the two
+            keypoint sets correspond and an affine maps one onto the other; in a wrong view the detector's points are
+            not consistent. It needs no intensities, so it does not depend on the contrasts. ``"similarity"``: the
+            best :attr:`search_similarity` after warping (measured to pick a wrong view more often between some
+            contrast pairs, e.g. T2 and PD at 4 mm).
         amp: at inference (eval mode), run the detector under ``torch.autocast`` (float16 on CUDA, bfloat16 on the
             CPU; see :func:`amp_supported`). The heatmaps return to float32 before the centre of mass, and the fits
             stay in float64, so keypoints move by a small fraction of a voxel; with the orientation search the
@@ -138,6 +157,7 @@ class KeyMorph(nn.Module):
         search_samples: int = 20000,
         search_batch: int = 8,
         amp: bool = False,
+        search_rank: str = "residual",
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -154,6 +174,9 @@ class KeyMorph(nn.Module):
         self.search_samples, self.search_batch = int(search_samples), max(1, int(search_batch))
         self.refiner = refiner
         self.amp = bool(amp)
+        if search_rank not in SEARCH_RANKS:
+            raise ValueError(f"expected search_rank in {SEARCH_RANKS}, got {search_rank!r}.")
+        self.search_rank = search_rank
 
     @staticmethod
     def _check_type(transform_type: str) -> str:
@@ -350,6 +373,22 @@ class KeyMorph(nn.Module):
         values = image[idx[:, 0], idx[:, 1], idx[:, 2]].reshape(1, 1, -1, 1, 1)
         return voxel_to_world(idx.to(torch.float64)[None], affine.to(torch.float64)), values
 
+    def _similarity_score(
+        self,
+        f2m: torch.Tensor | ThinPlateSpline,
+        world: torch.Tensor,
+        values: torch.Tensor,
+        moving: torch.Tensor,
+        moving_affine: torch.Tensor,
+    ) -> float:
+        """:attr:`search_similarity` between the fixed ``values`` at ``world`` (see :meth:`_search_sample`) and
+        ``moving`` ``(1, C, ...)`` sampled through ``f2m`` (lower is better)."""
+        moved = f2m(world) if isinstance(f2m, ThinPlateSpline) else apply_affine(f2m.to(world.dtype), world)
+        grid = voxel_to_normalized(world_to_voxel(moved, moving_affine), moving.shape[2:])
+        grid = grid.float()[:, :, None, None]
+        sampled = F.grid_sample(moving.float(), grid, align_corners=True, padding_mode="zeros")
+        return float(self.search_similarity(sampled, values))
+
     @torch.no_grad()
     def _search(
         self,
@@ -364,9 +403,11 @@ class KeyMorph(nn.Module):
     ) -> KeyMorphOutput:
         """Registration with orientation search (see ``orientation_search``), item by item.
 
-        The views of the moving image go through the detector :attr:`search_batch` at a time; the candidate fits are
-        ranked by :attr:`search_similarity` between the fixed image and the moving image sampled through each fit on
-        :attr:`search_samples` voxels of the fixed foreground (a fixed random draw), and only the best is warped.
+        The views of the moving image go through the detector :attr:`search_batch` at a time. The views are ranked
+        by :attr:`search_rank`: the residual of an affine fit to the keypoints (:func:`keypoint_residual_mm`), or
+        :attr:`search_similarity` between the fixed image and the moving image sampled through each view's fit on
+        :attr:`search_samples` voxels of the fixed foreground (a fixed random draw). Only the best view is fitted
+        with ``kind`` and warped.
         """
         _check_content(fixed, "fixed image")
         _check_content(moving, "moving image")
@@ -390,25 +431,25 @@ class KeyMorph(nn.Module):
                     points, mass = self.detect(images, affines, "moving image")
                     for k, v in enumerate(chunk):
                         detected[v] = (points[k : k + 1], mass[k : k + 1])
-            world, values = self._search_sample(fixed[i : i + 1], a_f[i : i + 1])
-            best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            if self.search_rank == "similarity":
+                world, values = self._search_sample(fixed[i : i + 1], a_f[i : i + 1])
+            best: tuple[float, torch.Tensor, torch.Tensor] | None = None
             for p_mov, m_mov in detected:  # type: ignore[misc]
                 weights = self._weights(m_fix[i : i + 1], m_mov)
                 try:
-                    f2m, m2f = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
+                    if self.search_rank == "residual":
+                        score = float(keypoint_residual_mm(p_fix[i : i + 1], p_mov, weights)[0])
+                    else:
+                        f2m, _ = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
+                        score = self._similarity_score(f2m, world, values, moving[i : i + 1], a_m[i : i + 1])
                 except DegenerateKeypointsError:
                     continue  # this view found too few keypoints; others may not
-                moved = f2m(world) if isinstance(f2m, ThinPlateSpline) else apply_affine(f2m.to(world.dtype), world)
-                grid = voxel_to_normalized(world_to_voxel(moved, a_m[i : i + 1]), moving.shape[2:])
-                sampled = F.grid_sample(
-                    moving[i : i + 1].float(), grid.float()[:, :, None, None], align_corners=True, padding_mode="zeros"
-                )
-                score = float(self.search_similarity(sampled, values))
                 if best is None or score < best[0]:
-                    best = (score, f2m, m2f, p_mov, weights)
+                    best = (score, p_mov, weights)
             if best is None:
                 raise DegenerateKeypointsError(f"batch item {i}: no orientation of the moving image gave a valid fit.")
-            _, f2m, m2f, p_mov, weights = best
+            _, p_mov, weights = best
+            f2m, m2f = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
             warped = resample(
                 moving[i : i + 1], f2m, fixed.shape[2:], a_f[i : i + 1], a_m[i : i + 1], mode, padding_mode
             )

@@ -1,5 +1,6 @@
 """Orientation search: detect the moving keypoints in each of the 24 axis-aligned orientations of its voxel grid and
-keep the fit that makes the images most similar.
+keep the view whose keypoints correspond best to the fixed image's (smallest affine-fit residual), or, as an option,
+the one whose fit makes the images most similar.
 
 Rotating the voxel array by a signed axis permutation while changing its affine accordingly leaves the image's world
 content unchanged, so every candidate is a valid registration of the same pair; only the detector's view differs.
