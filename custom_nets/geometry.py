@@ -37,6 +37,7 @@ __all__ = [
     "heatmap_to_voxel",
     "voxel_to_normalized",
     "world_transform_to_voxel",
+    "sample_at_voxels",
     "resample",
     "LPS_FROM_RAS",
 ]
@@ -125,6 +126,15 @@ def voxel_to_normalized(points: torch.Tensor, shape: Sequence[int]) -> torch.Ten
     """
     size = torch.tensor([max(int(n) - 1, 1) for n in shape], device=points.device, dtype=points.dtype)
     return (2.0 * points / size - 1.0).flip(-1)
+
+
+def sample_at_voxels(
+    image: torch.Tensor, points: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+) -> torch.Tensor:
+    """Interpolate ``image`` ``(B, C, I, J, K)`` at voxel coordinates ``points`` ``(B, N, 3)`` (``(i, j, k)``, any
+    float dtype): returns ``(B, C, N, 1, 1)`` in the image's dtype (a scattered-point ``grid_sample``)."""
+    grid = voxel_to_normalized(points, image.shape[2:]).to(image.dtype)[:, :, None, None]
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def _voxel_to_normalized_matrix(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

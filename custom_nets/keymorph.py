@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_transform
@@ -15,7 +14,7 @@ from .geometry import (
     batch_affine,
     heatmap_to_voxel,
     resample,
-    voxel_to_normalized,
+    sample_at_voxels,
     voxel_to_world,
     world_to_voxel,
 )
@@ -384,9 +383,7 @@ class KeyMorph(nn.Module):
         """:attr:`search_similarity` between the fixed ``values`` at ``world`` (see :meth:`_search_sample`) and
         ``moving`` ``(1, C, ...)`` sampled through ``f2m`` (lower is better)."""
         moved = f2m(world) if isinstance(f2m, ThinPlateSpline) else apply_affine(f2m.to(world.dtype), world)
-        grid = voxel_to_normalized(world_to_voxel(moved, moving_affine), moving.shape[2:])
-        grid = grid.float()[:, :, None, None]
-        sampled = F.grid_sample(moving.float(), grid, align_corners=True, padding_mode="zeros")
+        sampled = sample_at_voxels(moving.float(), world_to_voxel(moved, moving_affine))
         return float(self.search_similarity(sampled, values))
 
     @torch.no_grad()

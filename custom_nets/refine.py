@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 from torch import nn
 
-from .geometry import apply_affine, batch_affine, voxel_to_normalized, world_to_voxel
+from .geometry import apply_affine, batch_affine, sample_at_voxels, world_to_voxel
 
 __all__ = ["AffineRefiner"]
 
@@ -152,9 +152,7 @@ class AffineRefiner(nn.Module):
     ) -> torch.Tensor:
         """Per-item loss ``(B,)`` (negative mutual information) of ``moving`` sampled at ``fixed_to_moving @ world``
         against ``fixed_values`` ``(B, 1, N, 1, 1)``; ``world``: ``(B, N, 3)`` mm."""
-        moved = world_to_voxel(apply_affine(fixed_to_moving, world), moving_affine)
-        grid = voxel_to_normalized(moved, moving.shape[2:]).to(moving.dtype)[:, :, None, None]
-        values = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        values = sample_at_voxels(moving, world_to_voxel(apply_affine(fixed_to_moving, world), moving_affine))
         return self.similarity(values, fixed_values).reshape(world.shape[0])
 
     def _optimise(
@@ -204,6 +202,5 @@ class AffineRefiner(nn.Module):
         vals = torch.stack([v[:n] for v in values]).reshape(fixed.shape[0], 1, n, 1, 1)
         if self.jitter:
             vox = vox + torch.rand(vox.shape, generator=gen, dtype=torch.float64).to(vox.device) - 0.5
-            grid = voxel_to_normalized(vox, fixed.shape[2:]).to(fixed.dtype)[:, :, None, None]
-            vals = F.grid_sample(fixed, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            vals = sample_at_voxels(fixed, vox, padding_mode="border")
         return vox, vals, torch.stack([m[:n] for m in inside])

@@ -10,6 +10,7 @@ from custom_nets import resample
 from custom_nets.geometry import (
     batch_affine,
     heatmap_to_voxel,
+    sample_at_voxels,
     voxel_grid,
     voxel_to_normalized,
     voxel_to_world,
@@ -92,3 +93,12 @@ def test_bad_inputs_are_reported():
         resample(torch.zeros(1, 8, 8, 8), torch.eye(4), (8, 8, 8))
     with pytest.raises(ValueError, match=r"affine of shape \(4, 4\) or \(2, 4, 4\), got \(3, 3\)"):
         resample(torch.zeros(2, 1, 8, 8, 8), torch.eye(4), (8, 8, 8), torch.eye(3))
+
+
+def test_sample_at_voxels_reads_voxel_centres_and_interpolates_between():
+    img = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(1, 2, 3, 4, 5)
+    pts = torch.tensor([[[0.0, 0.0, 0.0], [2.0, 3.0, 4.0], [1.0, 2.0, 1.5]]], dtype=torch.float64)
+    out = sample_at_voxels(img, pts)
+    assert out.shape == (1, 2, 3, 1, 1) and out.dtype == torch.float32
+    expected = torch.stack([img[0, :, 0, 0, 0], img[0, :, 2, 3, 4], (img[0, :, 1, 2, 1] + img[0, :, 1, 2, 2]) / 2], -1)
+    assert torch.allclose(out[0, :, :, 0, 0], expected)
