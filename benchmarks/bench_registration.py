@@ -87,6 +87,9 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
     t_aff = torch.as_tensor(template.affine)
     t1 = torch.from_numpy(template.t1)[None, None]
     t_lab = torch.from_numpy(template.probs.argmax(0).astype(np.float32))[None, None]
+    grid = torch.as_tensor(affine)
+    mni_fixed = resample(t1, torch.eye(4, dtype=torch.float64), synth.shape, grid, t_aff)[0, 0].numpy()
+    mni_lab_f = resample(t_lab, torch.eye(4, dtype=torch.float64), synth.shape, grid, t_aff, mode="nearest")
     pairs: list[dict[str, Any]] = []
     k = 0
     for angle in cfg["angles"]:
@@ -105,12 +108,9 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
                     lab_f, lab_m = synth.labels(probs_f)[0].numpy(), synth.labels(probs_m)[0].numpy()
                 else:
                     contrast = "remapped"
-                    grid = torch.as_tensor(affine)
-                    ident = torch.eye(4, dtype=torch.float64)
                     posed = torch.linalg.inv(torch.as_tensor(pose))  # moving voxel x shows template point inv(pose) x
-                    fixed = resample(t1, ident, synth.shape, grid, t_aff)[0, 0].numpy()
+                    fixed, lab_f = mni_fixed, mni_lab_f[0, 0].numpy()
                     moving = _remap(resample(t1, posed, synth.shape, grid, t_aff)[0, 0].numpy(), rng)
-                    lab_f = resample(t_lab, ident, synth.shape, grid, t_aff, mode="nearest")[0, 0].numpy()
                     lab_m = resample(t_lab, posed, synth.shape, grid, t_aff, mode="nearest")[0, 0].numpy()
                 files = {}
                 for name, data, dtype in (
@@ -392,6 +392,8 @@ def _table(summary: dict[str, Any]) -> str:
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
+    from custom_nets.io import atomic_write
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -408,10 +410,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Robustness to the initial misalignment")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(mode: str = "quick", out_dir: str = "bench_out", methods: str | tuple = METHODS, seed: int = 0) -> dict:

@@ -697,7 +697,6 @@ class RegistrationWriter:
                 "write",
                 f"another pair of this run already wrote outputs named {stem!r} (same moving file name); refusing to "
                 "overwrite them",
-                keep_outputs=True,
             )
             return
         try:
@@ -715,10 +714,10 @@ class RegistrationWriter:
         names = (f"{stem}_warped.nii.gz", f"{stem}_label_warped.nii.gz", f"{stem}.json", f"{stem}.tfm", f"{stem}.png")
         return [self.output_dir / n for n in names]
 
-    def _fail(self, moving: str | None, fixed: str | None, stage: str, error: str, keep_outputs: bool = False) -> None:
+    def _fail(self, moving: str | None, fixed: str | None, stage: str, error: str) -> None:
         record = {"pair": len(self.results), "moving": moving, "fixed": fixed, "stage": stage, "error": error}
         logger.error("pair %d failed at %s: moving %s, fixed %s: %s", record["pair"], stage, moving, fixed, error)
-        if moving and not keep_outputs and output_stem(str(moving)) not in self._stems:
+        if moving and output_stem(str(moving)) not in self._stems:  # never another pair's outputs
             for old in self._outputs_of(output_stem(str(moving))):
                 if old.exists():
                     logger.warning("removing %s: its pair failed in this run", old)
