@@ -418,6 +418,28 @@ def test_isotropic_spacing_matches_monai_on_straight_grids_and_ignores_header_ro
     assert np.allclose(mine_b.affine.numpy(), turn @ mine_a.affine.numpy(), atol=1e-4)
 
 
+def test_isotropic_spacing_into_other_keys_leaves_the_input_untouched():
+    """With ``output_keys`` the resampled images go to new keys: the inputs stay the very same objects (no copy of a
+    full-resolution image is made) with unchanged values, and the outputs equal an in-place resampling."""
+    from monai.data import MetaTensor
+
+    from custom_nets.data import IsotropicSpacingd
+
+    rng = np.random.default_rng(1)
+    affine = np.diag([0.9, 1.1, 1.3, 1.0])
+    affine[:3, 3] = [-12.0, 4.0, 9.0]
+    data = {k: MetaTensor(torch.from_numpy(rng.random((1, 30, 28, 22), dtype=np.float32)), affine=affine) for k in "ab"}
+    before = {k: (v, v.clone()) for k, v in data.items()}
+    out = IsotropicSpacingd(["a", "b"], 2.0, output_keys=["fine_a", "fine_b"])(data)
+    inplace = IsotropicSpacingd(["a", "b"], 2.0)(dict(data))
+    for k in "ab":
+        assert out[k] is before[k][0] and torch.equal(out[k].as_tensor(), before[k][1].as_tensor())
+        assert torch.equal(out[f"fine_{k}"].as_tensor(), inplace[k].as_tensor())
+        assert torch.allclose(out[f"fine_{k}"].affine, inplace[k].affine) and out[f"fine_{k}"].shape[1:] == (14, 16, 15)
+    with pytest.raises(ValueError, match="expected 2 output keys"):
+        IsotropicSpacingd(["a", "b"], 2.0, output_keys=["fine_a"])
+
+
 class _Poisoned(torch.nn.Module):
     """The tiny network, except that a moving image whose first voxel is negative gets a NaN transform (a silent
     numerical failure, as a diverged model could give)."""

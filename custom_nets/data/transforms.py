@@ -12,7 +12,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
-    CopyItemsd,
     CropForegroundd,
     LoadImaged,
     MapTransform,
@@ -22,6 +21,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
     Transform,
 )
+from monai.utils import ensure_tuple
 
 from .synth import CONTRASTS, BrainSynthesizer, subject_seed
 
@@ -336,6 +336,8 @@ class IsotropicSpacingd(MapTransform):
         keys: image / label keys (``MetaTensor`` ``(C, I, J, K)`` with affines).
         pixdim: output voxel size (mm).
         mode: ``bilinear`` or ``nearest``, one for all keys or one per key.
+        output_keys: where each resampled image goes (one per key; default: back to its own key). With other keys
+            the input stays as it was, so a second resolution of an image costs no copy of the input.
         allow_missing_keys: skip missing keys.
     """
 
@@ -344,6 +346,7 @@ class IsotropicSpacingd(MapTransform):
         keys: KeysCollection,
         pixdim: float,
         mode: str | Sequence[str] = "bilinear",
+        output_keys: KeysCollection | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -352,6 +355,10 @@ class IsotropicSpacingd(MapTransform):
         if len(modes) != len(self.keys):
             raise ValueError(f"IsotropicSpacingd: expected one mode or {len(self.keys)}, got {mode!r}.")
         self.modes = dict(zip(self.keys, modes))
+        outs = self.keys if output_keys is None else ensure_tuple(output_keys)
+        if len(outs) != len(self.keys):
+            raise ValueError(f"IsotropicSpacingd: expected {len(self.keys)} output keys, got {output_keys!r}.")
+        self.output_keys = dict(zip(self.keys, outs))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from ..geometry import resample
@@ -370,7 +377,7 @@ class IsotropicSpacingd(MapTransform):
             out = resample(x[None], torch.eye(4, dtype=torch.float64), shape, a_out, a_in, mode=self.modes[key])[0]
             meta = dict(getattr(img, "meta", {}))
             meta.pop("affine", None)
-            d[key] = MetaTensor(out, affine=a_out.to(torch.float64), meta=meta)
+            d[self.output_keys[key]] = MetaTensor(out, affine=a_out.to(torch.float64), meta=meta)
         return d
 
 
@@ -427,9 +434,10 @@ def preprocessing_transforms(
             key with ``_label`` replaced by ``_image``).
         on_disjoint: with two image keys, what to do when their fields of view do not overlap in world space
             (``warn``, ``error`` or ``ignore``; see :class:`CheckWorldOverlapd`).
-        refine_pixdim: if given, each image key ``<side>_image`` is also copied (after the RAS step) to
-            ``refine_<side>`` at ``refine_pixdim`` mm voxels, cropped to its foreground and scaled like the network
-            input, but not padded to the cube: the finer images an intensity-based refinement polishes on.
+        refine_pixdim: if given, each image key ``<side>_image`` is also resampled (after the RAS step) into
+            ``refine_<side>`` at ``refine_pixdim`` mm voxels (no copy of the full-resolution input), cropped to its
+            foreground and scaled like the network input, but not padded to the cube: the finer images an
+            intensity-based refinement polishes on.
 
     Note:
         MONAI 1.6 treats every key that starts with ``<image key>_`` as that image's metadata dictionary, so image
@@ -465,8 +473,9 @@ def preprocessing_transforms(
     if refine_pixdim is not None:
         refine_keys = [refine_key(k) for k in image_keys]
         steps: list[Transform] = [
-            CopyItemsd(image_keys, names=refine_keys, allow_missing_keys=True),
-            IsotropicSpacingd(refine_keys, pixdim=float(refine_pixdim), allow_missing_keys=True),
+            IsotropicSpacingd(
+                image_keys, pixdim=float(refine_pixdim), output_keys=refine_keys, allow_missing_keys=True
+            ),
         ]
         steps += [_foreground_crop([key], key, lower_percentile) for key in refine_keys]
         steps.append(
