@@ -494,14 +494,21 @@ def test_training_datalist_with_a_bad_image_fails_before_training_naming_it(tmp_
     good = _save(tmp_path / "good.nii.gz", data[::4, ::4, ::4], affine)
     (tmp_path / "broken.nii.gz").write_text("not an image")
     _save(tmp_path / "series.nii.gz", np.random.rand(8, 8, 8, 2), affine)
-    entries = [{"image": good}, {"image": "broken.nii.gz"}, {"image": "series.nii.gz"}]
+    header = nib.Nifti1Header()  # an sform that squashes the third axis: a singular voxel-to-world affine
+    header.set_data_shape((8, 8, 8))
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = [2, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0]
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), None, header), tmp_path / "flat.nii")
+    entries = [{"image": good}, {"image": "broken.nii.gz"}, {"image": "series.nii.gz"}, {"image": "flat.nii"}]
     (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
     with pytest.raises(ValueError) as err:
         build_pair_dataset(4, datalist=tmp_path / "list.json", spatial_size=32, pixdim=8.0)
     message = str(err.value)
-    assert message.startswith("2 of the listed image files are unusable")
+    assert message.startswith("3 of the listed image files are unusable")
     assert f"{tmp_path / 'broken.nii.gz'}: cannot be read as an image" in message
     assert f"{tmp_path / 'series.nii.gz'}: expected a single-channel 3D volume, got shape (8, 8, 8, 2)" in message
+    assert f"{tmp_path / 'flat.nii'}: the voxel-to-world affine is singular or not finite" in message
     # a fault only the voxels show (NaN) passes the header check and stops training when first drawn, named
     nan = data[::4, ::4, ::4].copy()
     nan[5, 5, 5] = np.nan

@@ -14,7 +14,7 @@ from monai.data import Dataset, list_data_collate
 from monai.transforms import Compose
 
 from .augment import RandAffineMovingd
-from .transforms import RandPaird, SynthPaird, preprocessing_transforms
+from .transforms import RandPaird, SynthPaird, affine_problem, nibabel_reads, preprocessing_transforms
 
 __all__ = [
     "load_datalist",
@@ -433,10 +433,6 @@ def collate_pairs(batch: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-#: File name endings nibabel reads; :func:`check_image_header` checks only these (others are checked when loaded).
-_NIBABEL_SUFFIXES = re.compile(r"\.(nii|nii\.gz|mgz|mgh|hdr|img)$", re.IGNORECASE)
-
-
 def check_image_header(path: str | Path) -> str | None:
     """The problem with an image file that its header alone shows, or ``None``.
 
@@ -448,7 +444,7 @@ def check_image_header(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_file():
         return "no such file"
-    if not _NIBABEL_SUFFIXES.search(path.name):
+    if not nibabel_reads(path):
         return None
     import nibabel as nib
 
@@ -459,9 +455,7 @@ def check_image_header(path: str | Path) -> str | None:
         return f"cannot be read as an image ({type(err).__name__}: {err})"
     if len(shape) < 3 or min(shape[:3]) < 2 or any(n != 1 for n in shape[3:]):
         return f"expected a single-channel 3D volume, got shape {shape}"
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        return "the voxel-to-world affine is singular or not finite"
-    return None
+    return affine_problem(affine)
 
 
 def check_image_headers(paths: Sequence[str | Path]) -> None:

@@ -237,10 +237,15 @@ class LoadVolumed(MapTransform):
 _NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")
 
 
+def nibabel_reads(path: str | Path) -> bool:
+    """Whether ``path`` names a format nibabel reads (by suffix: NIfTI, MGH / MGZ, Analyze)."""
+    return str(path).lower().endswith(_NIBABEL_SUFFIXES)
+
+
 def _nibabel_affine(path: str | Path) -> np.ndarray | None:
     """The voxel-to-world affine nibabel reads from a file's header (NIfTI precedence: sform, then qform), or
     ``None`` for formats nibabel does not read or headers it cannot parse (their loading errors come from MONAI)."""
-    if not str(path).lower().endswith(_NIBABEL_SUFFIXES):
+    if not nibabel_reads(path):
         return None
     import nibabel as nib
 
@@ -250,11 +255,20 @@ def _nibabel_affine(path: str | Path) -> np.ndarray | None:
         return None
 
 
+def affine_problem(affine: Any) -> str | None:
+    """What is wrong with a ``4 x 4`` voxel-to-world affine (singular or not finite), or ``None``."""
+    a = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(a).all() or abs(float(np.linalg.det(a[:3, :3]))) < 1e-9:
+        return "the voxel-to-world affine is singular or not finite"
+    return None
+
+
 def _check_affine(path: Any, affine: np.ndarray) -> None:
-    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-9:
+    problem = affine_problem(affine)
+    if problem:
         raise ValueError(
-            f"{path}: the voxel-to-world affine is singular or not finite ({np.round(affine, 4).tolist()}); expected "
-            "a valid header (pixel sizes and orientation)."
+            f"{path}: {problem} ({np.round(affine, 4).tolist()}); expected a valid header (pixel sizes and "
+            "orientation)."
         )
 
 
