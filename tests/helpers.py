@@ -1,10 +1,18 @@
-"""Shared test helpers: random transforms, oblique anisotropic grids, smooth random images."""
+"""Shared test helpers: the bundle command line, random transforms, oblique anisotropic grids, smooth random
+images."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundle"
 
 #: Bundle CLI overrides for a tiny, fast network (32^3 at 8 mm, K = 16); refinement (on in inference) runs on 8 mm
 #: copies, so its path is tested cheaply.
@@ -22,6 +30,22 @@ TINY = [
     "--refine_pixdim",
     "8.0",
 ]
+
+
+def bundle_cli(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ...`` in the bundle folder. With ``check`` the test fails with the command's
+    output unless it succeeded; otherwise the return code is the caller's to check."""
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    if check:
+        assert res.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
+    return res
 
 
 def random_rotation(gen: torch.Generator, max_angle: float = math.pi, dtype=torch.float64) -> torch.Tensor:

@@ -18,30 +18,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import BUNDLE, TINY, bundle_cli
 
 from custom_nets.data import write_demo_data
 from custom_nets.handlers import find_checkpoints
 from custom_nets.io import read_itk_affine
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundle"
 TRAIN = ["--train#epoch_length", "2", "--validate#num_pairs", "2", "--checkpoint_every", "1"]
-
-
-def bundle_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle ...`` in the bundle folder; fail the test with its output on error."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=BUNDLE,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert res.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
-    return res
 
 
 @pytest.fixture(scope="module")

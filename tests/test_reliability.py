@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY
+from helpers import BUNDLE, TINY, bundle_cli
 from monai.data import MetaTensor
 
 from custom_nets import ConvNetDetector, KeyMorph
@@ -51,25 +51,10 @@ from custom_nets.handlers import (
     state_fingerprint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundle"
-
 
 def _tiny_net() -> KeyMorph:
     """The network of ``inference.json`` with the TINY overrides."""
     return KeyMorph(ConvNetDetector(num_keypoints=16, channels=(8, 16, 16), pool_after=(0, 1), norm="instance"))
-
-
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle ...`` in the bundle folder (the return code is the caller's to check)."""
-    return subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=BUNDLE,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> str:
@@ -216,7 +201,7 @@ def batch_run(tmp_path_factory, brain, weights):
     out = folder / "out"
     (out / "labelled.json").parent.mkdir()
     (out / "labelled.json").write_text("{}")  # a stale result of an earlier run: must not survive this run's failure
-    res = _cli(
+    res = bundle_cli(
         "run",
         "inference",
         "--config_file",
@@ -238,6 +223,7 @@ def batch_run(tmp_path_factory, brain, weights):
         "--write_png",
         "False",
         *TINY,
+        check=False,  # the bad pairs make the run exit non-zero; the tests check that
     )
     return {
         "res": res,
@@ -629,8 +615,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_complete_checkpoint(tmp_path):
     expected = state_fingerprint({"network": saved["network"], "optimizer": saved["optimizer"]})
     # whatever the kill interrupted (a save in progress leaves a .tmp-* file) must not be picked up
     (run / "checkpoints" / ".tmp-0123456789abcdef.pt").write_bytes(b"half a checkpoint")
-    res = _cli(*args)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    res = bundle_cli(*args)
     log = res.stdout + res.stderr
     assert f"checkpoint_{last}.pt at iteration {last} (restored network+optimizer, state fingerprint {expected})" in log
     assert "interrupted checkpoint save" in log
