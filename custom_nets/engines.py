@@ -194,11 +194,14 @@ class FailSafeInferer(Inferer):
         batch = int(inputs.shape[0])
         try:
             out = network(inputs, *args, **kwargs)
+        except Exception as err:  # a batch of one has its message already; larger ones are isolated item by item
+            if batch == 1:
+                return [_raised(err)]
+        else:
             if not nonfinite_items(out):
                 return out
-        except Exception:  # isolated below, item by item, where the message is kept
             if batch == 1:
-                return [self._run_item(network, inputs, args, kwargs, 0, 1)]
+                return [_nonfinite()]
         return [self._run_item(network, inputs, args, kwargs, i, batch) for i in range(batch)]
 
     @staticmethod
@@ -212,12 +215,20 @@ class FailSafeInferer(Inferer):
                 **{k: _item(v, i, batch) for k, v in kwargs.items()},
             )
         except Exception as err:  # recorded as this pair's failure
-            return RegistrationFailure("register", f"{type(err).__name__}: {err}")
-        if nonfinite_items(out):
-            return RegistrationFailure(
-                "register", "the registration gave a non-finite (NaN / Inf) transform, keypoints or warped image"
-            )
-        return out
+            return _raised(err)
+        return _nonfinite() if nonfinite_items(out) else out
+
+
+def _raised(err: Exception) -> RegistrationFailure:
+    """The failure record of a pair whose registration raised ``err``."""
+    return RegistrationFailure("register", f"{type(err).__name__}: {err}")
+
+
+def _nonfinite() -> RegistrationFailure:
+    """The failure record of a pair whose registration gave NaN / Inf."""
+    return RegistrationFailure(
+        "register", "the registration gave a non-finite (NaN / Inf) transform, keypoints or warped image"
+    )
 
 
 def _apply(transform: torch.Tensor | ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:

@@ -463,6 +463,30 @@ def test_failsafe_inferer_isolates_network_failures_and_nan():
     assert inputs is None and targets["failures"] == [{"failure": {}}] and args == () and kwargs == {}
 
 
+def test_failsafe_inferer_runs_a_failing_batch_of_one_once():
+    """Inference runs one pair per batch: a pair that raises or gives NaN is recorded from that one network call (not
+    registered a second time to get its message), with the same record a larger batch gives."""
+    torch.manual_seed(0)
+    net = _Poisoned().eval()
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(1))
+    gen = torch.Generator().manual_seed(1)
+    affine = torch.eye(4, dtype=torch.float64)[None]
+    fixed = torch.rand(1, 1, 16, 16, 16, generator=gen)
+    constant, poisoned = torch.full_like(fixed, 0.5), fixed.clone()
+    poisoned[0, 0, 0, 0, 0] = -1.0
+    with torch.no_grad():
+        for moving, expected in ((constant, "constant"), (poisoned, "non-finite"), (fixed, None)):
+            calls.clear()
+            out = FailSafeInferer()(moving, net, fixed, moving_affine=affine, fixed_affine=affine)
+            assert len(calls) == 1, (expected, len(calls))
+            if expected is None:
+                assert not isinstance(out, list) and torch.isfinite(out.fixed_to_moving).all()
+            else:
+                assert isinstance(out, list) and len(out) == 1 and out[0].stage == "register"
+                assert expected in out[0].error
+
+
 def test_writer_summary_without_fail_on_error_does_not_raise(tmp_path, caplog):
     writer = RegistrationWriter(str(tmp_path), fail_on_error=False)
     writer._fail("m.nii.gz", "f.nii.gz", "load", "ValueError: m.nii.gz: contains NaN or Inf voxels")
