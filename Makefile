@@ -11,9 +11,20 @@ LABEL_PY := $(LABEL_VENV)/bin/python
 STUDIES ?= studies
 LABEL_PORT ?= 8000
 
+# Free disk (GB) each venv install needs, measured on fresh installs: .venv 3.5 GB, .venv-label 8.2 GB (monailabel
+# needs torchvision, hence a CUDA build of torch). Checked before installing, so a full disk fails at once, saying so.
+VENV_GB ?= 4
+LABEL_VENV_GB ?= 9
+define check_free_disk
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); if [ "$$free" -lt "$(1)" ]; then \
+		echo "error: installing $(2) needs about $(1) GB of free disk; $$free GB are free on the disk of $(CURDIR)." >&2; \
+		exit 1; fi
+endef
+
 .PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
+	$(call check_free_disk,$(VENV_GB),$(VENV))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
@@ -23,6 +34,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 install: $(VENV)/.installed
 
 $(LABEL_VENV)/.installed: setup.cfg pyproject.toml Makefile
+	$(call check_free_disk,$(LABEL_VENV_GB),$(LABEL_VENV))
 	$(PYTHON) -m venv $(LABEL_VENV)
 	$(LABEL_PY) -m pip install --quiet --upgrade pip
 	$(LABEL_PY) -m pip install --quiet -e ".[label]"
