@@ -1,9 +1,10 @@
 """KeyMorph against ANTs and elastix on the same held-out pairs, on this machine, in one run.
 
-    python benchmarks/bench_registration.py --mode quick --out_dir bench_out      # a few minutes (CI)
-    python benchmarks/bench_registration.py --mode full --out_dir bench_out       # the model card's table
-    python benchmarks/bench_registration.py --mode weights --methods keymorph,keymorph_refine --out_dir bench_weights
-                                                 # the shipped weights: 10 pairs per angle bin and contrast setting
+    python benchmarks/bench_registration.py main --mode quick --out_dir bench_out   # a few minutes (CI)
+    python benchmarks/bench_registration.py main --mode full --out_dir bench_out    # the model card's table
+    # the shipped weights: 10 pairs per angle bin and contrast setting
+    python benchmarks/bench_registration.py main --mode weights --methods keymorph,keymorph_refine \
+        --out_dir bench_weights
 
 Pairs (written as NIfTI under ``out_dir/pairs``, 2 mm voxels, a 256 mm cube so any rotation keeps the head):
 

@@ -10,7 +10,7 @@ from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput, amp_supported
 from .keypoints import CenterOfMass, power_weights
 from .refine import AffineRefiner
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AffineRefiner",

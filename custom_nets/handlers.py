@@ -629,10 +629,10 @@ class RegistrationWriter:
     (any error while writing, e.g. a non-finite warped image or an unreadable label file) is logged as an error naming
     its files and the problem; outputs under its stem are removed, so no partial or stale result is left that could
     be taken for this run's. The others are written as usual. At the end of the run ``results.csv`` (one row per pair:
-    ``moving``, ``fixed``, ``status`` ``ok`` / ``failed``, ``stage``, ``error``, ``json``) and ``failures.json`` (the
-    failed pairs; ``[]`` when none) are written, and, with ``fail_on_error``, a :class:`RegistrationFailuresError`
-    is raised if any pair failed, so ``python -m monai.bundle run inference`` exits non-zero after writing every
-    result it could.
+    ``pair``, ``moving``, ``fixed``, ``status`` ``ok`` / ``failed``, ``stage``, ``error``, ``json``) and
+    ``failures.json`` (the failed pairs; ``[]`` when none) are written, and, with ``fail_on_error``, a
+    :class:`RegistrationFailuresError` is raised if any pair failed, so ``python -m monai.bundle run inference`` exits
+    non-zero after writing every result it could.
 
     Args:
         output_dir: output folder.

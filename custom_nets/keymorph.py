@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,8 @@ class KeyMorph(nn.Module):
         orientation_search: at inference (eval mode), detect the moving keypoints in each of the 24 axis-aligned
             orientations of its voxel grid and keep the best view (``search_rank``; see :mod:`custom_nets.search`):
             a detector accurate within about 45 degrees then covers any rotation, for 24 detector passes instead of
-            one.
+            one. Not part of a TorchScript trace (the chosen view depends on the data, so a trace would fix the view
+            of its example input): a traced model registers without the search, as with ``orientation_search=False``.
         search_similarity: the loss that ranks the candidates with ``search_rank="similarity"`` (lower is better);
             default MONAI's ``GlobalMutualInformationLoss`` (any contrast).
         search_samples: fixed-foreground voxels the candidates are ranked on (``search_rank="similarity"``).
@@ -292,7 +294,15 @@ class KeyMorph(nn.Module):
                 getattr(refine_moving, "affine", None) if refine_moving_affine is None else refine_moving_affine,
                 getattr(refine_fixed, "affine", None) if refine_fixed_affine is None else refine_fixed_affine,
             )
-        if self.orientation_search and not self.training and moving_alt is None:
+        search = self.orientation_search and not self.training and moving_alt is None
+        if search and torch.jit.is_tracing():  # a data-dependent choice of view cannot be traced
+            warnings.warn(
+                "KeyMorph: the orientation search is not part of a TorchScript trace; the traced model registers "
+                "without it (as orientation_search=False).",
+                stacklevel=2,
+            )
+            search = False
+        if search:
             out = self._search(moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode)
             return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine)
         if moving.shape[1:] == fixed.shape[1:]:  # one detector pass for both images

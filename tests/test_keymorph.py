@@ -194,3 +194,18 @@ def test_amp_supported_answers_for_the_devices_it_knows():
     assert amp_supported("cuda") == torch.cuda.is_available()
     assert amp_supported("meta") is False
     assert isinstance(amp_supported("cpu"), bool)
+
+
+def test_a_trace_registers_without_the_orientation_search():
+    """The search picks a view by comparing fits (data-dependent): a trace would freeze the view of its example input.
+    It is left out of the trace with a warning, so the traced model is the search-free model on any input."""
+    gen = torch.Generator().manual_seed(5)
+    detector = _small_detector()
+    km, plain = KeyMorph(detector, orientation_search=True).eval(), KeyMorph(detector).eval()
+    example = torch.stack([smooth_image((32, 32, 32), gen)[0] for _ in range(2)], dim=1)
+    other = torch.stack([smooth_image((32, 32, 32), gen)[0] for _ in range(2)], dim=1)
+    with torch.no_grad(), pytest.warns(UserWarning, match="orientation search is not part of a TorchScript trace"):
+        traced = torch.jit.trace(km, example, check_trace=False)
+    with torch.no_grad():
+        assert torch.allclose(traced(other), plain(other), atol=1e-5)
+        assert torch.allclose(traced(example), plain(example), atol=1e-5)
