@@ -22,6 +22,7 @@ Everything else in the package goes through the functions of this module, so the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ __all__ = [
     "as_tensor",
     "batch_affine",
     "apply_affine",
+    "full_precision",
     "voxel_grid",
     "voxel_to_world",
     "world_to_voxel",
@@ -79,14 +81,24 @@ def batch_affine(
     return affine.expand(batch, 4, 4).clone()
 
 
+def full_precision(device: torch.device | str) -> AbstractContextManager:
+    """A context in which autocast is off on ``device``: coordinates computed inside keep their float32 / float64
+    precision when the caller runs under mixed precision (autocast would take a float32 matmul to float16 on CUDA,
+    bfloat16 on the CPU: sub-voxel keypoints and world mm would lose their fractions, or overflow float16)."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+
+
 def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Apply ``(B, 4, 4)`` homogeneous matrices to ``(B, N, 3)`` points; returns ``(B, N, 3)`` in ``points.dtype``."""
+    """Apply ``(B, 4, 4)`` homogeneous matrices to ``(B, N, 3)`` points; returns ``(B, N, 3)`` in ``points.dtype``
+    (in that precision under autocast too)."""
     if points.ndim != 3 or points.shape[-1] != 3:
         raise ValueError(f"expected points of shape (B, N, 3), got {tuple(points.shape)}.")
     if matrix.ndim != 3 or matrix.shape[1:] != (4, 4) or matrix.shape[0] not in (1, points.shape[0]):
         raise ValueError(f"expected matrices of shape ({points.shape[0]}, 4, 4), got {tuple(matrix.shape)}.")
     m = matrix.to(points.dtype)
-    return points @ m[:, :3, :3].transpose(1, 2) + m[:, None, :3, 3]
+    with full_precision(points.device):
+        return points @ m[:, :3, :3].transpose(1, 2) + m[:, None, :3, 3]
 
 
 def voxel_grid(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .geometry import voxel_grid
+from .geometry import full_precision, voxel_grid
 
 __all__ = ["CenterOfMass", "power_weights"]
 
@@ -37,10 +37,11 @@ class CenterOfMass(nn.Module):
             raise ValueError(f"expected heatmaps of shape (B, K, I, J, K'), got {tuple(heatmaps.shape)}.")
         b, k = heatmaps.shape[:2]
         spatial = heatmaps.shape[2:]
-        h = torch.relu(heatmaps.float()).reshape(b, k, -1)  # float32 even under autocast: sub-voxel sums
-        mass = h.sum(-1)  # (B, K)
-        grid = voxel_grid(spatial, heatmaps.device, h.dtype).reshape(-1, 3)  # (N, 3)
-        points = (h @ grid) / mass.clamp_min(self.eps).unsqueeze(-1)
+        with full_precision(heatmaps.device):  # float32 even under autocast: sub-voxel sums
+            h = torch.relu(heatmaps.float()).reshape(b, k, -1)
+            mass = h.sum(-1)  # (B, K)
+            grid = voxel_grid(spatial, heatmaps.device, h.dtype).reshape(-1, 3)  # (N, 3)
+            points = (h @ grid) / mass.clamp_min(self.eps).unsqueeze(-1)
         empty = mass <= self.eps
         centre = torch.tensor([(n - 1) / 2.0 for n in spatial], device=heatmaps.device, dtype=h.dtype)
         points = torch.where(empty.unsqueeze(-1), centre.expand_as(points), points)

@@ -29,6 +29,26 @@ def test_empty_or_negative_heatmap_gives_centre_and_zero_mass_never_nan():
     assert torch.isfinite(z).all() and m.item() == 0
 
 
+def test_keypoints_and_world_mm_keep_full_precision_under_autocast():
+    """Mixed-precision training (the trainer's autocast) must not round keypoints: the centre of mass and the
+    voxel-to-world mapping run in float32 whatever autocast is on. CPU autocast (bfloat16, 8 bits of mantissa) stands
+    in for CUDA's float16 here: on a 64^3 heatmap its rounding alone would move keypoints by up to 0.25 voxel."""
+    from custom_nets.geometry import voxel_to_world
+
+    gen = torch.Generator().manual_seed(0)
+    heat = torch.rand(2, 8, 64, 64, 64, generator=gen) ** 8
+    affine = torch.tensor([[0.9, 0.1, 0.0, -90.3], [0.0, 1.1, 0.2, 120.7], [0.1, 0.0, 1.2, -70.1], [0, 0, 0, 1.0]])
+    affine = affine.expand(2, 4, 4)
+    ref_points, ref_mass = CenterOfMass()(heat)
+    ref_world = voxel_to_world(ref_points, affine)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        points, mass = CenterOfMass()(heat)
+        world = voxel_to_world(points, affine)
+    assert points.dtype == mass.dtype == world.dtype == torch.float32
+    assert torch.allclose(points, ref_points, atol=1e-4) and torch.allclose(mass, ref_mass, rtol=1e-5)
+    assert torch.allclose(world, ref_world, atol=1e-4)
+
+
 def test_power_weights():
     mf = torch.tensor([[1.0, 1.0, 2.0, 0.0]])
     mm = torch.tensor([[2.0, 1.0, 1.0, 3.0]])
