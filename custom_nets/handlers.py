@@ -326,7 +326,8 @@ class VerifiedCheckpointLoader:
     when the engine starts, before the first pair, so a refused file stops the run before any output is written.
 
     Args:
-        load_path: weights file (a state dict, or a checkpoint holding one under a ``load_dict`` key).
+        load_path: weights file: a state dict (``model.pt``), a file holding one under a ``load_dict`` key, or a
+            training checkpoint of the bundle (``checkpoints/checkpoint_<iteration>.pt``: its network is loaded).
         load_dict: ``{"model": network}``.
         sha256: expected hex digest (optional).
         large_files: path of ``large_files.yml`` to look the digest up in (optional).
@@ -335,7 +336,8 @@ class VerifiedCheckpointLoader:
 
     Raises:
         FileNotFoundError: no file at ``load_path``.
-        WeightsIntegrityError: digest mismatch, or not a loadable state dict (the message names the file).
+        WeightsIntegrityError: digest mismatch, not a loadable file, or not weights of this network (the message
+            names the file).
     """
 
     def __init__(
@@ -378,12 +380,34 @@ class VerifiedCheckpointLoader:
             ) from err
         for key, net in self.load_dict.items():
             target = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
-            part = state[key] if isinstance(state, Mapping) and key in state and len(self.load_dict) > 1 else state
-            target.load_state_dict(part, strict=self.strict)
+            part = _state_part(state, key, len(self.load_dict))
+            try:
+                target.load_state_dict(part, strict=self.strict)
+            except Exception as err:  # missing / unexpected keys, shape mismatches: another network's weights
+                raise WeightsIntegrityError(
+                    f"{self.load_path}: not weights of this network ({type(target).__name__}, load_dict key "
+                    f"'{key}'): {type(err).__name__}: {err}"
+                ) from err
         logger.info("loaded weights %s (%s)", self.load_path, "SHA-256 verified" if self.sha256 else "unverified")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda e: self.load())
+
+
+#: The key under which the bundle's training checkpoints (``checkpoints/checkpoint_<iteration>.pt``) hold the network.
+CHECKPOINT_NETWORK_KEY = "network"
+
+
+def _state_part(state: Any, key: str, num_networks: int) -> Any:
+    """The state dict for ``load_dict[key]`` in a loaded file: ``state[key]`` when the file holds one under that key,
+    else, for a single network, the network of a training checkpoint (``{"network", "optimizer", "trainer"}``) or the
+    file itself (a bare state dict such as ``model.pt``)."""
+    if isinstance(state, Mapping):
+        if isinstance(state.get(key), Mapping):
+            return state[key]
+        if num_networks == 1 and isinstance(state.get(CHECKPOINT_NETWORK_KEY), Mapping) and "optimizer" in state:
+            return state[CHECKPOINT_NETWORK_KEY]
+    return state
 
 
 class AugmentationRamp:

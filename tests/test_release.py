@@ -147,3 +147,28 @@ def test_shipped_weights_match_their_large_files_entry():
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 2
     assert all(k.startswith("detector.") for k in state)
+
+
+def test_a_training_checkpoint_loads_for_inference_and_another_network_is_refused_naming_the_file(tmp_path):
+    """``--ckpt_path runs/.../checkpoints/checkpoint_<n>.pt`` works: the loader takes the checkpoint's network (the
+    inference config's load_dict key is ``model``, the checkpoint's ``network``); weights of another architecture are
+    refused with the file named, not a bare ``load_state_dict`` error."""
+    trained = _tiny_net()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)
+    opt = torch.optim.Adam(trained.parameters())
+    ckpt = tmp_path / "checkpoint_7.pt"
+    torch.save({"network": trained.state_dict(), "optimizer": opt.state_dict(), "trainer": {"iteration": 7}}, ckpt)
+    net = _tiny_net()
+    VerifiedCheckpointLoader(str(ckpt), {"model": net}).load()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in net.state_dict().items())
+    keyed = tmp_path / "keyed.pt"  # a file holding the state dict under the load_dict key
+    torch.save({"model": trained.state_dict()}, keyed)
+    other = _tiny_net()
+    VerifiedCheckpointLoader(str(keyed), {"model": other}).load()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in other.state_dict().items())
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), wrong)
+    with pytest.raises(WeightsIntegrityError, match=r"wrong\.pt: not weights of this network \(KeyMorph"):
+        VerifiedCheckpointLoader(str(wrong), {"model": _tiny_net()}).load()
