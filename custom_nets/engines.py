@@ -264,11 +264,7 @@ def transform_error_mm(
             vox = grid.reshape(-1, 3)
         vox = vox[:: max(1, vox.shape[0] // max_points)]
         world = voxel_to_world(vox.unsqueeze(0), fixed_affine[b : b + 1].to(torch.float64))
-        pred_b = predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else None
-        if pred_b is not None:
-            moved = _apply(pred_b, world)
-        else:  # spline: evaluate the whole batch on this item's points, keep item b
-            moved = _apply(predicted, world.expand(predicted.batch_size, -1, -1))[b : b + 1]
+        moved = _apply(predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else predicted.select(b), world)
         true = _apply(truth[b : b + 1].to(torch.float64), world)
         errors.append((moved.to(torch.float64) - true).norm(dim=-1).mean())
     return torch.stack(errors)

@@ -11,6 +11,8 @@ the fits never return NaN or a silently wrong transform.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["DegenerateKeypointsError", "ThinPlateSpline", "fit_affine", "fit_rigid", "fit_tps", "fit_transform"]
@@ -180,17 +182,37 @@ class ThinPlateSpline:
         return self.control.shape[0]
 
     def __call__(self, points: torch.Tensor, chunk_size: int = 2**16) -> torch.Tensor:
-        """Map ``(B, N, 3)`` points; evaluated in chunks of ``chunk_size`` points to bound memory (``N x K``)."""
+        """Map ``(B, N, 3)`` points; evaluated in chunks of ``chunk_size`` points to bound memory (``N x K``), on the
+        spline's device, and returned on the points' device in their dtype."""
         if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] not in (1, self.batch_size):
             raise ValueError(f"expected points of shape ({self.batch_size}, N, 3), got {tuple(points.shape)}.")
-        dtype = points.dtype
-        p = (points.to(_F64) - self.centre) / self.scale
+        dtype, device = points.dtype, points.device
+        p = (points.to(device=self.centre.device, dtype=_F64) - self.centre) / self.scale
         out = []
         for start in range(0, p.shape[1], chunk_size):
             q = p[:, start : start + chunk_size]
             lin = q @ self.affine_coeffs[:, :3] + self.affine_coeffs[:, 3:4]
             out.append(lin + _tps_kernel(q, self.control) @ self.kernel_coeffs)
-        return torch.cat(out, dim=1).to(dtype)
+        return torch.cat(out, dim=1).to(device=device, dtype=dtype)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ThinPlateSpline:
+        return ThinPlateSpline(
+            fn(self.control),
+            fn(self.centre),
+            fn(self.scale),
+            fn(self.kernel_coeffs),
+            fn(self.affine_coeffs),
+            self.lam,
+            self.dtype,
+        )
+
+    def to(self, device: torch.device | str) -> ThinPlateSpline:
+        """The same splines with their tensors on ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def select(self, index: int) -> ThinPlateSpline:
+        """Batch item ``index`` as a batch of one spline."""
+        return self._map(lambda t: t[index : index + 1])
 
     @staticmethod
     def cat(splines: list[ThinPlateSpline]) -> ThinPlateSpline:
@@ -222,8 +244,9 @@ def fit_tps(
     ``[[W U + lam I, W P], [P^T, 0]] [c; a] = [W y; 0]`` (``U_kl = U(|s_k - s_l|)``, ``U(r) = r^2 log r``,
     ``P = [s, 1]``, ``W = diag(w)``), which is the usual ``[[U + lam W^-1, P], [P^T, 0]]`` system with rows scaled by
     ``W`` so that zero weights are allowed (such a point gets no kernel and does not pull the spline).
-    ``lam = 0`` interpolates every control point exactly (weights then play no role); a large ``lam`` tends to the
-    weighted least-squares affine fit.
+    ``lam = 0`` interpolates every control point of non-zero weight exactly (the weights' sizes then play no role);
+    points of weight 0 (e.g. empty heatmaps) are ignored at any ``lam``. A large ``lam`` tends to the weighted
+    least-squares affine fit.
 
     To make ``lam`` independent of units and image size, the spline works in a normalised frame: control points
     centred on their mean and divided by their RMS distance from it. Weights are rescaled to mean 1 for the same reason.
@@ -238,7 +261,8 @@ def fit_tps(
         A :class:`ThinPlateSpline` mapping ``(B, N, 3)`` points.
 
     Raises:
-        DegenerateKeypointsError: coplanar points, or coincident control points when ``lam == 0``.
+        DegenerateKeypointsError: coplanar points, or coincident control points of non-zero weight when
+            ``lam == 0``.
     """
     lam = float(lam)
     if not lam >= 0.0:
@@ -246,7 +270,7 @@ def fit_tps(
     x, y, w = _check_inputs("fit_tps", src, dst, weights)
     b, k, _ = x.shape
     if lam == 0.0:
-        w = torch.ones_like(w)  # interpolation: every control point is matched, weights play no role
+        w = (w > 0).to(w.dtype)  # interpolation: every weighted control point is matched, whatever its weight
     _require_rank("fit_tps", x, w, 3, "a thin-plate spline needs at least 4 non-coplanar points")
     centre = x.mean(1, keepdim=True)
     scale = ((x - centre) ** 2).sum(-1).mean(1).sqrt().view(b, 1, 1)
@@ -254,6 +278,8 @@ def fit_tps(
     if lam == 0.0:
         with torch.no_grad():
             d2 = ((xn.unsqueeze(2) - xn.unsqueeze(1)) ** 2).sum(-1) + torch.eye(k, dtype=_F64, device=x.device) * 1e30
+            active = w > 0
+            d2 = d2.masked_fill(~(active.unsqueeze(2) & active.unsqueeze(1)), 1e30)  # weight-0 points are not matched
             closest = d2.flatten(1).min(1).values.sqrt()
             for i in range(b):
                 if closest[i] < 1e-8:
@@ -265,7 +291,9 @@ def fit_tps(
         w = w / w.mean(1, keepdim=True)
     p = torch.cat([xn, torch.ones(b, k, 1, dtype=_F64, device=x.device)], dim=-1)  # (B, K, 4)
     wd = w.unsqueeze(-1)
-    top = torch.cat([wd * _tps_kernel(xn, xn) + lam * torch.eye(k, dtype=_F64, device=x.device), wd * p], dim=-1)
+    # a weight-0 row reads c_k = 0 (its diagonal gets 1 more): the point neither pulls nor bends the spline
+    diagonal = torch.diag_embed(lam + (w == 0).to(_F64))
+    top = torch.cat([wd * _tps_kernel(xn, xn) + diagonal, wd * p], dim=-1)
     bottom = torch.cat([p.transpose(1, 2), torch.zeros(b, 4, 4, dtype=_F64, device=x.device)], dim=-1)
     system = torch.cat([top, bottom], dim=1)  # (B, K + 4, K + 4)
     rhs = torch.cat([wd * y, torch.zeros(b, 4, 3, dtype=_F64, device=x.device)], dim=1)

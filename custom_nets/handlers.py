@@ -787,7 +787,7 @@ class RegistrationWriter:
         fixed_img, moving_img = _load_volume(fixed_path), _load_volume(moving_path)
         f_aff, m_aff = np.asarray(fixed_img.affine, dtype=np.float64), np.asarray(moving_img.affine, dtype=np.float64)
         f2m = pred.fixed_to_moving
-        t_item = f2m[b : b + 1].double() if isinstance(f2m, torch.Tensor) else _spline_item(f2m, b)
+        t_item = f2m[b : b + 1].double() if isinstance(f2m, torch.Tensor) else f2m.select(b).to(self.device)
         moving_data = _read_volume(moving_img, moving_path)
         warped = resample_to_image(moving_data, m_aff, fixed_img.shape, f_aff, t_item, device=self.device)
         if not np.isfinite(warped).all():
@@ -847,18 +847,6 @@ class RegistrationWriter:
         record["outputs"] = dict(files)
         files["json"] = str(self.output_dir / f"{stem}.json")
         write_json(files["json"], record)
-
-
-def _spline_item(spline: ThinPlateSpline, b: int) -> ThinPlateSpline:
-    return ThinPlateSpline(
-        spline.control[b : b + 1],
-        spline.centre[b : b + 1],
-        spline.scale[b : b + 1],
-        spline.kernel_coeffs[b : b + 1],
-        spline.affine_coeffs[b : b + 1],
-        spline.lam,
-        torch.float32,
-    )
 
 
 def _save_like(data: np.ndarray, like: Any, path: str, dtype: Any) -> None:

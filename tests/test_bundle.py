@@ -190,6 +190,45 @@ def test_inference_outputs_agree_with_each_other_and_the_truth(trained, demo, wo
     assert np.abs(by_itk - warped.get_fdata()).max() < 1e-3
 
 
+def test_spline_inference_writes_its_documented_outputs(trained, demo, work):
+    """``--transform_type tps``: the warped image and labels at full resolution, a JSON with ``tps_lambda`` and the
+    spline's affine part (here the exact translation), and no ITK affine (a spline is not one)."""
+    fixed, fixed_lab = demo / "sub-02_T1.nii.gz", demo / "sub-02_label.nii.gz"
+    moving, moving_lab = work / "tps_T1.nii.gz", work / "tps_label.nii.gz"
+    truth = _translated_copy(fixed, fixed_lab, moving, moving_lab, np.array([-6.1, 9.4, 3.3]))
+    out = work / "infer_tps"
+    bundle_cli(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.json",
+        "--ckpt_path",
+        str(trained / "model.pt"),
+        "--moving",
+        str(moving),
+        "--fixed",
+        str(fixed),
+        "--moving_label",
+        str(moving_lab),
+        "--output_dir",
+        str(out),
+        "--transform_type",
+        "tps",
+        "--write_png",
+        "False",
+        *TINY,
+    )
+    result = json.loads((out / "tps_T1.json").read_text())
+    assert result["transform_type"] == "tps" and result["tps_lambda"] == 0.0
+    assert "fixed_to_moving_ras" not in result and not (out / "tps_T1.tfm").exists()
+    assert np.abs(np.array(result["fixed_to_moving_affine_part_ras"]) - truth).max() < 1e-3
+    warped, fixed_img = nib.load(str(out / "tps_T1_warped.nii.gz")), nib.load(str(fixed))
+    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine)
+    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
+    lab = nib.load(str(out / "tps_T1_label_warped.nii.gz")).get_fdata()
+    assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
+
+
 def test_inference_on_the_demo_pair_list(trained, demo, work):
     out = work / "infer_list"
     bundle_cli(

@@ -127,6 +127,34 @@ def test_tps_zero_weight_point_does_not_pull():
     assert torch.allclose(fit_tps(src, dst_bad, lam=1.0, weights=w)(q), fit_tps(src, dst, lam=1.0, weights=w)(q))
 
 
+def test_tps_interpolation_ignores_weight_zero_points():
+    """With lam = 0 (the config default) the spline interpolates the weighted points and ignores weight-0 ones, as at
+    lam > 0: two empty heatmaps (both placed at the grid centre, weight 0) neither raise as coincident points nor bend
+    the warp towards wherever the other image's empty heatmaps sit."""
+    gen = torch.Generator().manual_seed(8)
+    src = torch.randn(1, 14, 3, generator=gen, dtype=torch.float64) * 30
+    dst = src * 1.1 + torch.randn(1, 14, 3, generator=gen, dtype=torch.float64)
+    src_empty, dst_empty = src.clone(), dst.clone()
+    src_empty[0, 12:] = 0.0  # two coincident points of weight 0
+    dst_empty[0, 12:] = torch.tensor([[40.0, -30.0, 5.0], [-20.0, 10.0, 60.0]], dtype=torch.float64)
+    w = torch.ones(1, 14, dtype=torch.float64)
+    w[0, 12:] = 0.0
+    q = torch.randn(1, 40, 3, generator=gen, dtype=torch.float64) * 30
+    spline = fit_tps(src_empty, dst_empty, lam=0.0, weights=w)
+    assert torch.allclose(spline(src[:, :12]), dst[:, :12], atol=1e-6)  # still interpolates the weighted points
+    assert torch.allclose(spline(q), fit_tps(src[:, :12], dst[:, :12], lam=0.0)(q), atol=1e-6)
+
+
+def test_spline_select_is_the_batch_item():
+    gen = torch.Generator().manual_seed(9)
+    src = torch.randn(3, 10, 3, generator=gen, dtype=torch.float64) * 30
+    spline = fit_tps(src, src * 0.9 + 2.0, lam=0.3)
+    q = torch.randn(3, 20, 3, generator=gen, dtype=torch.float32) * 30
+    item = spline.select(1).to("cpu")
+    assert item.batch_size == 1
+    assert torch.equal(item(q[1:2]), spline(q)[1:2]) and item(q[1:2]).dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     "call, nonzero",
     [
