@@ -579,11 +579,23 @@ def output_stem(path: str) -> str:
 def _load_volume(path: str) -> Any:
     """Open an image with nibabel (data stays on disk until read); a 4D file holding one volume is squeezed to 3D.
 
+    Formats nibabel does not read (e.g. NRRD, MetaImage, which the preprocessing reads through MONAI's ITK reader) are
+    read with MONAI's ``LoadImage``, the reader the registration saw them with, so voxels and RAS affine are the same;
+    they come back as an in-memory NIfTI image, and the outputs on their grid are NIfTI.
+
     Raises:
         ValueError: naming the file, if it cannot be read or is not a 3D volume.
     """
+    from .data.transforms import nibabel_reads
+
     try:
-        img = nib.load(path)
+        if nibabel_reads(path):
+            img = nib.load(path)
+        else:
+            from monai.transforms import LoadImage
+
+            loaded = LoadImage(image_only=True, dtype=np.float32)(path)
+            img = nib.Nifti1Image(np.asarray(loaded), np.asarray(loaded.affine, dtype=np.float64))
     except Exception as err:
         raise ValueError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from err
     if len(img.shape) > 3 and all(n == 1 for n in img.shape[3:]):

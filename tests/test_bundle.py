@@ -229,6 +229,45 @@ def test_spline_inference_writes_its_documented_outputs(trained, demo, work):
     assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
 
 
+def test_inference_on_nrrd_images_writes_nifti_on_the_fixed_grid(trained, demo, work):
+    """Images nibabel does not read (NRRD here, through MONAI's ITK reader) register and write like NIfTI: the exact
+    translation, and the warped NIfTI on the fixed image's grid in RAS reproduces the fixed image."""
+    sitk = pytest.importorskip("SimpleITK")
+    fixed_nii = demo / "sub-02_T1.nii.gz"
+    moving_nii = work / "nrrd_src_T1.nii.gz"
+    truth = _translated_copy(
+        fixed_nii, demo / "sub-02_label.nii.gz", moving_nii, work / "nrrd_src_lab.nii.gz", [5.2, -3.7, 8.1]
+    )
+    fixed, moving = work / "fixed_T1.nrrd", work / "moving_T1.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(fixed_nii)), str(fixed))
+    sitk.WriteImage(sitk.ReadImage(str(moving_nii)), str(moving))
+    out = work / "infer_nrrd"
+    bundle_cli(
+        "run",
+        "inference",
+        "--config_file",
+        "configs/inference.json",
+        "--ckpt_path",
+        str(trained / "model.pt"),
+        "--moving",
+        str(moving),
+        "--fixed",
+        str(fixed),
+        "--output_dir",
+        str(out),
+        "--refine",
+        "False",
+        "--write_png",
+        "False",
+        *TINY,
+    )
+    f2m = np.array(json.loads((out / "moving_T1.json").read_text())["fixed_to_moving_ras"])
+    assert np.abs(f2m - truth).max() < 1e-3
+    warped, fixed_img = nib.load(str(out / "moving_T1_warped.nii.gz")), nib.load(str(fixed_nii))
+    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine, atol=1e-4)
+    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
+
+
 def test_inference_on_the_demo_pair_list(trained, demo, work):
     out = work / "infer_list"
     bundle_cli(
