@@ -17,9 +17,12 @@ __all__ = ["KeyMorphLoss", "one_hot_labels", "warp_labels", "warp_target_labels"
 
 
 def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, 1, ...)`` integer-valued labels to ``(B, num_classes, ...)`` float one-hot (values outside are dropped)."""
-    lab = labels.round().long().clamp(0, num_classes - 1)
-    return torch.nn.functional.one_hot(lab[:, 0], num_classes).movedim(-1, 1).to(torch.float32)
+    """``(B, 1, ...)`` integer-valued labels to ``(B, num_classes, ...)`` float one-hot; a voxel whose value is outside
+    ``0 .. num_classes - 1`` is all zero (dropped, not counted in another class)."""
+    lab = labels.round().long()[:, 0]
+    inside = (lab >= 0) & (lab < num_classes)
+    onehot = torch.nn.functional.one_hot(lab.clamp(0, num_classes - 1), num_classes) * inside.unsqueeze(-1)
+    return onehot.movedim(-1, 1).to(torch.float32)
 
 
 def warp_labels(

@@ -70,3 +70,21 @@ def test_metrics_and_loss_terms():
         loss(pred, {k: v for k, v in targets.items() if k != "fixed_label"})
     with pytest.raises(ValueError, match="every term is off"):
         KeyMorphLoss(image_loss=None, dice_weight=0.0)
+
+
+def test_one_hot_labels_drop_values_outside_the_classes():
+    """A label value the configured classes do not cover (e.g. FreeSurfer's 41 with 4 tissue classes, or -1) is all
+    zero, not folded into the last class or background (which would make Dice count it as white matter)."""
+    from custom_nets.losses import one_hot_labels
+
+    labels = torch.tensor([0.0, 1.0, 3.0, 41.0, -1.0, 2.0]).view(1, 1, 6, 1, 1)
+    onehot = one_hot_labels(labels, 4)
+    assert onehot.shape == (1, 4, 6, 1, 1)
+    assert onehot[0, :, :, 0, 0].T.tolist() == [
+        [1, 0, 0, 0],
+        [0, 1, 0, 0],
+        [0, 0, 0, 1],
+        [0, 0, 0, 0],
+        [0, 0, 0, 0],
+        [0, 0, 1, 0],
+    ]
