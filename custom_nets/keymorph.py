@@ -454,7 +454,13 @@ class KeyMorph(nn.Module):
                 if best is None or score < best[0]:
                     best = (score, p_mov, weights)
             if best is None:
-                raise DegenerateKeypointsError(f"batch item {i}: no orientation of the moving image gave a valid fit.")
+                n_fix = int((m_fix[i] > 0).sum())
+                n_mov = max(int((m > 0).sum()) for _, m in detected)  # type: ignore[misc]
+                raise DegenerateKeypointsError(
+                    f"batch item {i}: no orientation of the moving image gave a valid {kind} fit; keypoints found: "
+                    f"{n_fix} of {m_fix.shape[1]} in the fixed image, at most {n_mov} in a view of the moving image "
+                    "(too few, or all in a plane)."
+                )
             _, p_mov, weights = best
             f2m, m2f = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
             warped = resample(

@@ -72,4 +72,4 @@ def power_weights(mass_fixed: torch.Tensor, mass_moving: torch.Tensor) -> torch.
     pf = mass_fixed / mass_fixed.sum(1, keepdim=True).clamp_min(tiny)
     pm = mass_moving / mass_moving.sum(1, keepdim=True).clamp_min(tiny)
     w = pf * pm
-    return w * (w.shape[1] / w.sum(1, keepdim=True).clamp_min(tiny))
+    return w / w.sum(1, keepdim=True).clamp_min(tiny) * w.shape[1]  # K / tiny would overflow float32: 0 * inf

@@ -168,6 +168,15 @@ def test_collapsed_keypoints_are_a_clear_error():
         with pytest.raises(DegenerateKeypointsError, match="batch item 0"):
             KeyMorph(OnePeak(), transform_type=kind)(good, good)
 
+    class EmptyWhenBright(torch.nn.Module):  # no keypoint at all in the (brighter) fixed image
+        def forward(self, x):
+            h = torch.rand(x.shape[0], 6, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+            return h * (x.mean(dim=(1, 2, 3, 4)) < 0.9).float().view(-1, 1, 1, 1, 1) - 1e-3
+
+    km = KeyMorph(EmptyWhenBright(), orientation_search=True).eval()
+    with pytest.raises(DegenerateKeypointsError, match="found: 0 of 6 in the fixed image, at most 6 in a view"):
+        km(good * 0.5, good * 0.05 + 0.95)
+
 
 def test_amp_runs_the_detector_in_low_precision_at_inference_only():
     """``amp``: the detector's convolutions run in bfloat16 on the CPU in eval mode (not in training), the keypoints

@@ -58,6 +58,9 @@ def test_power_weights():
     assert torch.allclose(w[0, :3] / w[0, 0], torch.tensor([1.0, 0.5, 1.0]))
     assert torch.allclose(power_weights(mf * 10, mm), w)  # scale of either image's heat does not matter
     assert torch.equal(power_weights(mm, mf), power_weights(mf, mm))  # symmetric
+    # an item with no keypoint in one image keeps all-zero weights (the fit reports it), never NaN, in float32 too
+    none = power_weights(torch.zeros(2, 4), torch.stack([mm[0], torch.zeros(4)]))
+    assert torch.equal(none, torch.zeros(2, 4))
 
 
 def test_convnet_default_is_journal_variant():
