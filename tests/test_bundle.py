@@ -227,6 +227,13 @@ def test_spline_inference_writes_its_documented_outputs(trained, demo, work):
     assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
     lab = nib.load(str(out / "tps_T1_label_warped.nii.gz")).get_fdata()
     assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
+    # scoring refits the spline from the JSON's keypoints, weights and lambda: the translation, everywhere
+    from custom_nets.scoring import result_fixed_to_moving
+
+    points = np.random.default_rng(0).uniform(-80.0, 80.0, (500, 3))
+    assert np.abs(result_fixed_to_moving(result, points) - (points + truth[:3, 3])).max() < 1e-3
+    with pytest.raises(ValueError, match=r"x\.json: expected 'fixed_to_moving_ras', or a tps result"):
+        result_fixed_to_moving({"transform_type": "tps"}, points, "x.json")
 
 
 def test_inference_on_nrrd_images_writes_nifti_on_the_fixed_grid(trained, demo, work):
