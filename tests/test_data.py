@@ -139,6 +139,16 @@ def test_a_posed_subject_keeps_its_anatomy():
     assert (other[1] - base[1]).abs().mean() > 0.01
 
 
+def test_augmentation_invents_no_ground_truth(synth):
+    """A pair without a ground truth (real scans whose records carry no world_from_template) stays without one: the
+    random misalignment alone would claim the two scans were aligned before it."""
+    d = SynthPaird(synth)({"seed": 2})
+    d.pop("fixed_to_moving")
+    out = RandAffineMovingd()(dict(d, seed=5))
+    assert "fixed_to_moving" not in out
+    assert not torch.allclose(out["moving_image"], d["moving_image"], atol=1e-3)  # it was still misaligned
+
+
 def test_augmentation_ranges_and_ramp(synth):
     d = SynthPaird(synth)({"seed": 1})
     aug = RandAffineMovingd(ramp=0.0)

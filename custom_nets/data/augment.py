@@ -66,7 +66,9 @@ class RandAffineMovingd(Randomizable, MapTransform):
     """Misalign the moving image (and its labels) by a random affine; compose it into the pair's ground truth.
 
     The moving content is pushed forward by a random world affine ``A`` about the centre of its grid (the voxel data
-    is resampled, the header is unchanged), so the pair's ``fixed_to_moving`` ground truth becomes ``A @ old``.
+    is resampled, the header is unchanged), so the pair's ``fixed_to_moving`` ground truth becomes ``A @ old``. A pair
+    without a ground truth (real images whose records carry no ``world_from_template``) keeps none: ``A`` alone would
+    claim that the two images were aligned in world space before, which for two scans is unknown.
     Ranges follow KeyMorph (rotation up to 180 degrees about each axis, scale 20 %, shear 0.1, translation 20 % of half
     the field of view) and are multiplied by :attr:`ramp` (0..1) so they can be ramped in over training.
 
@@ -77,7 +79,7 @@ class RandAffineMovingd(Randomizable, MapTransform):
     Args:
         keys: moving image keys to resample together (absent keys are skipped).
         mode: interpolation per key (``"bilinear"`` / ``"nearest"``).
-        transform_key: key of the ``(4, 4)`` ``fixed_to_moving`` ground truth (identity if absent).
+        transform_key: key of the ``(4, 4)`` ``fixed_to_moving`` ground truth (left absent if absent).
         rotate_deg: maximum Euler angle per axis (degrees).
         scale, shear: maximum relative scale change and shear.
         translate: maximum translation as a fraction of half the field of view per axis.
@@ -150,6 +152,6 @@ class RandAffineMovingd(Randomizable, MapTransform):
                 plain.dtype
             )
             d[key] = MetaTensor(warped, meta=img.meta) if isinstance(img, MetaTensor) else warped
-        old = torch.as_tensor(d.get(self.transform_key, torch.eye(4, dtype=torch.float64)), dtype=torch.float64)
-        d[self.transform_key] = matrix @ old
+        if d.get(self.transform_key) is not None:
+            d[self.transform_key] = matrix @ torch.as_tensor(d[self.transform_key], dtype=torch.float64)
         return d

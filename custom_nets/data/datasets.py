@@ -73,8 +73,11 @@ def load_datalist(path: str | Path, split: str | None = None) -> list[dict[str, 
 
     The file holds either a list of entries or a dict with lists under ``"training"`` / ``"validation"`` / ``"test"``
     (pick one with ``split``; ``None`` concatenates all). An entry is ``{"image": path, "label": path (optional),
-    "modality": "t1" (optional), "subject": id (optional), ...}``; other keys are kept. Relative paths are resolved
-    against the JSON file's folder; every file must exist.
+    "modality": "t1" (optional), "subject": id (optional), "world_from_template": 4 x 4 (optional), ...}``; other
+    keys are kept. ``world_from_template`` maps a common frame (e.g. a template's world mm) to the image's world mm:
+    when every record has it, pairs carry their ground truth (validation then reports the error in mm); an identity
+    claims the image is already aligned in world space with the others. Relative paths are resolved against the JSON
+    file's folder; every file must exist.
 
     Returns:
         The entries with absolute paths, ``modality`` (lower case, ``"unknown"`` if absent) and ``subject`` (default:
