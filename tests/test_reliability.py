@@ -530,6 +530,32 @@ def test_training_datalist_with_a_bad_image_fails_before_training_naming_it(tmp_
     assert failure_message(err.value).startswith(f"ValueError: {tmp_path / 'nan.nii.gz'}: contains NaN")
 
 
+def test_a_label_on_another_grid_than_its_image_is_refused_naming_both(tmp_path, brain):
+    """Labels are cropped with their image's foreground box and warped with its affine: a label map exported on
+    another grid (here half the resolution) would silently misalign Dice, so drawing the pair fails, naming both."""
+    data, affine, _ = brain
+    small = data[::4, ::4, ::4]
+    a, b = _save(tmp_path / "a.nii.gz", small, affine), _save(tmp_path / "b.nii.gz", small, affine)
+    lab = (small > np.percentile(small, 60)).astype(np.float32)
+    _save(tmp_path / "a_label.nii.gz", lab, affine)
+    coarse = affine.copy()
+    coarse[:3, :3] *= 2.0
+    _save(tmp_path / "b_label.nii.gz", lab[::2, ::2, ::2], coarse)
+    entries = [{"image": a, "label": "a_label.nii.gz"}, {"image": b, "label": "b_label.nii.gz"}]
+    (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
+    ds = build_pair_dataset(6, datalist=tmp_path / "list.json", spatial_size=32, pixdim=8.0, same_subject_prob=0.0)
+    messages = []
+    for i in range(6):
+        try:
+            ds[i]
+        except RuntimeError as err:
+            messages.append(failure_message(err))
+    assert len(messages) == 6, "every pair holds b_label.nii.gz, on the wrong grid"
+    for message in messages:
+        assert f"{tmp_path / 'b_label.nii.gz'}: expected the label map on the grid of its image" in message
+        assert str(tmp_path / "b.nii.gz") in message
+
+
 def test_checkpoint_saver_refuses_non_finite_weights(tmp_path):
     net = torch.nn.Linear(2, 2)
     saver = AtomicCheckpointSaver(str(tmp_path), {"network": net, "optimizer": torch.optim.Adam(net.parameters())})

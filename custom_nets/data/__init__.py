@@ -25,6 +25,7 @@ from .synth import CONTRAST_PRESETS, CONTRASTS, BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES, cube_affine, load_tissue_template
 from .transforms import (
     AbovePercentile,
+    CheckLabelGridd,
     CheckWorldOverlapd,
     IsotropicSpacingd,
     LoadVolumed,
@@ -38,6 +39,7 @@ from .transforms import (
 __all__ = [
     "AbovePercentile",
     "BRAIN_CENTRE_MNI",
+    "CheckLabelGridd",
     "CheckWorldOverlapd",
     "FAILURE_KEY",
     "FAILURES_KEY",

@@ -29,6 +29,7 @@ __all__ = [
     "SynthPaird",
     "RandPaird",
     "LoadVolumed",
+    "CheckLabelGridd",
     "CheckWorldOverlapd",
     "AbovePercentile",
     "IsotropicSpacingd",
@@ -334,6 +335,47 @@ class CheckWorldOverlapd(MapTransform):
         return d
 
 
+class CheckLabelGridd(MapTransform):
+    """Check that each loaded label map lies on its image's voxel grid (same shape and voxel-to-world affine).
+
+    The preprocessing crops a label with its image's foreground box and the losses warp it with its image's affine,
+    so a label on another grid (another resolution, a cropped or reoriented export) would silently misalign Dice.
+
+    Args:
+        keys: label keys (loaded ``MetaTensor`` with affines, channel first).
+        image_keys: the image key of each label key, in order.
+        atol: tolerance of the affine entries (mm; NIfTI headers store float32).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, image_keys: Sequence[str], atol: float = 1e-3, allow_missing_keys: bool = True
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(image_keys) != len(self.keys):
+            raise ValueError(f"CheckLabelGridd: expected one image key per label key {self.keys}, got {image_keys}.")
+        self.image_keys, self.atol = dict(zip(self.keys, image_keys)), float(atol)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image_key = self.image_keys[key]
+            if d.get(image_key) is None:
+                continue
+            lab, img = d[key], d[image_key]
+            a_lab = np.asarray(getattr(lab, "affine", np.eye(4)), dtype=np.float64)
+            a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
+            if tuple(lab.shape[1:]) != tuple(img.shape[1:]) or not np.allclose(a_lab, a_img, atol=self.atol):
+                pairs = ((lab, key), (img, image_key))
+                names = [str(getattr(x, "meta", {}).get("filename_or_obj", k)) for x, k in pairs]
+                raise ValueError(
+                    f"{names[0]}: expected the label map on the grid of its image {names[1]}, got shape "
+                    f"{tuple(lab.shape[1:])} and affine {np.round(a_lab, 4).tolist()} for an image of shape "
+                    f"{tuple(img.shape[1:])} and affine {np.round(a_img, 4).tolist()} (resample the label onto the "
+                    "image's grid, nearest neighbour)."
+                )
+        return d
+
+
 class IsotropicSpacingd(MapTransform):
     """Resample images to isotropic ``pixdim`` voxels on a grid anchored at each image's first voxel.
 
@@ -469,14 +511,16 @@ def preprocessing_transforms(
     out: list[Transform] = [LoadVolumed(image_keys, allow_missing_keys=True)]
     if len(image_keys) == 2:
         out.append(CheckWorldOverlapd(image_keys, on_disjoint=on_disjoint, allow_missing_keys=True))
+    sources = [source_keys.get(lab, lab.replace("_label", "_image")) for lab in label_keys]
     if label_keys:
         out.append(LoadVolumed(label_keys, allow_missing_keys=True, reject_constant=False))
+        out.append(CheckLabelGridd(label_keys, sources))
     out += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
         IsotropicSpacingd(keys, pixdim=pixdim, mode=modes, allow_missing_keys=True),
     ]
     for key in image_keys:
-        crop_keys = [key] + [lab for lab in label_keys if source_keys.get(lab, lab.replace("_label", "_image")) == key]
+        crop_keys = [key] + [lab for lab, src in zip(label_keys, sources) if src == key]
         out.append(_foreground_crop(crop_keys, key, lower_percentile))
     out += [
         ScaleIntensityRangePercentilesd(
