@@ -149,6 +149,8 @@ class TruncatedUNetDetector(nn.Module):
         channels = tuple(int(c) for c in channels)
         if len(channels) < 2:
             raise ValueError(f"expected at least 2 levels of channels, got {channels}.")
+        if int(stem_stride) < 1:
+            raise ValueError(f"expected stem_stride >= 1, got {stem_stride}.")
         self.spatial_dims, self.in_channels, self.num_keypoints = spatial_dims, in_channels, int(num_keypoints)
         self.stem: nn.Module = nn.Identity()
         prev = in_channels

@@ -17,6 +17,7 @@ from custom_nets.data import (
     BrainSynthesizer,
     LoadVolumed,
     RandAffineMovingd,
+    RandPaird,
     SyntheticPairDataset,
     SynthPaird,
     load_datalist,
@@ -338,3 +339,26 @@ def test_save_nifti_is_atomic(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".tmp-*"))
     monkeypatch.undo()
     assert np.array_equal(nib.load(str(path)).get_fdata(), np.zeros((3, 3, 3)))  # the old file is intact
+
+
+def test_pairs_carry_a_ground_truth_only_when_every_record_has_one(caplog):
+    """Items of a batch need the same keys: with world_from_template on some records only, no pair gets a ground
+    truth (with a warning), instead of a collate error deep in the data loader."""
+    eye = np.eye(4).tolist()
+    shifted = np.eye(4)
+    shifted[:3, 3] = [3.0, -2.0, 1.0]
+    records = [
+        {"image": f"/x/{s}_{m}.nii.gz", "subject": s, "modality": m, "world_from_template": eye}
+        for s in ("a", "b")
+        for m in ("t1", "t2")
+    ]
+    records[1]["world_from_template"] = shifted.tolist()
+    full = RandPaird(records, same_subject_prob=1.0, cross_contrast_prob=1.0)
+    items = [full({"seed": s}) for s in range(8)]
+    assert all(isinstance(d["fixed_to_moving"], torch.Tensor) for d in items)
+    assert any(not torch.equal(d["fixed_to_moving"], torch.eye(4, dtype=torch.float64)) for d in items)
+    del records[2]["world_from_template"]
+    with caplog.at_level("WARNING"):
+        partial = RandPaird(records, same_subject_prob=1.0, cross_contrast_prob=1.0)
+    assert "1 of 4 records have no world_from_template" in caplog.text
+    assert all("fixed_to_moving" not in partial({"seed": s}) for s in range(8))

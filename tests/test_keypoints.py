@@ -86,6 +86,8 @@ def test_truncated_unet_half_resolution():
     net = TruncatedUNetDetector(num_keypoints=16, channels=(8, 16, 32, 64))
     assert net.downsample_factor == 8
     assert net(torch.randn(1, 1, 16, 24, 32)).shape == (1, 16, 8, 12, 16)
+    with pytest.raises(ValueError, match="expected stem_stride >= 1, got 0"):
+        TruncatedUNetDetector(num_keypoints=4, channels=(8, 16), stem_stride=0)
     small = TruncatedUNetDetector(num_keypoints=4, channels=(8, 16), stem_stride=2)
     assert small(torch.randn(1, 1, 16, 16, 16)).shape == (1, 4, 4, 4, 4)
     s_params = sum(p.numel() for p in TruncatedUNetDetector(num_keypoints=128).parameters())

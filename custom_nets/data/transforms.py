@@ -140,7 +140,8 @@ class RandPaird(Randomizable, Transform):
 
     Output keys: ``fixed_image``, ``moving_image`` (paths), ``fixed_label`` / ``moving_label`` (when every record has
     a label), ``fixed_modality``, ``moving_modality``, ``fixed_subject``, ``moving_subject``, ``fixed_to_moving`` when
-    both records carry ``world_from_template``, and ``seed``. Deterministic in ``data["seed"]`` if present.
+    every record carries ``world_from_template`` (so that every item of a batch has the same keys), and ``seed``.
+    Deterministic in ``data["seed"]`` if present.
 
     Args:
         records: image records as returned by :func:`custom_nets.data.load_datalist`.
@@ -155,6 +156,15 @@ class RandPaird(Randomizable, Transform):
         self.records = list(records)
         self.same_subject_prob, self.cross_contrast_prob = float(same_subject_prob), float(cross_contrast_prob)
         self.with_labels = all(r.get("label") for r in self.records)  # batches need the same keys in every item
+        self.with_truth = all("world_from_template" in r for r in self.records)
+        if not self.with_truth and any("world_from_template" in r for r in self.records):
+            missing = sum("world_from_template" not in r for r in self.records)
+            logger.warning(
+                "RandPaird: %d of %d records have no world_from_template; no pair carries a ground truth (error "
+                "metrics are nan).",
+                missing,
+                len(self.records),
+            )
 
     def __call__(self, data: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
         from .datasets import sample_pairs
@@ -166,6 +176,8 @@ class RandPaird(Randomizable, Transform):
         if not self.with_labels:
             pair.pop("fixed_label", None)
             pair.pop("moving_label", None)
+        if not self.with_truth:
+            pair.pop("fixed_to_moving", None)
         if "fixed_to_moving" in pair:
             pair["fixed_to_moving"] = torch.as_tensor(pair["fixed_to_moving"], dtype=torch.float64)
         d.update(pair)
