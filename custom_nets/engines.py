@@ -93,6 +93,11 @@ class KeyMorphPrepareBatch:
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
     ) -> tuple[torch.Tensor | None, dict[str, Any], tuple[torch.Tensor, ...], dict[str, Any]]:
+        """``(moving (B, 1, ...), targets, (fixed (B, 1, ...),), kwargs)`` on ``device``, as MONAI engines call it.
+
+        Raises:
+            KeyError: the batch has no ``moving_image`` or ``fixed_image``.
+        """
         failures = list(batchdata.get(FAILURES_KEY) or []) if isinstance(batchdata, Mapping) else []
         if failures and "moving_image" not in batchdata and "fixed_image" not in batchdata:
             return None, {FAILURES_KEY: failures}, (), {}

@@ -179,6 +179,7 @@ class ThinPlateSpline:
 
     @property
     def batch_size(self) -> int:
+        """Number of splines ``B``."""
         return self.control.shape[0]
 
     def __call__(self, points: torch.Tensor, chunk_size: int = 2**16) -> torch.Tensor:

@@ -623,7 +623,19 @@ def resample_to_image(
     device: torch.device | str = "cpu",
     max_voxels: int = 2**22,
 ) -> np.ndarray:
-    """Resample a full-resolution moving volume onto a fixed grid, slab by slab (bounded memory)."""
+    """Resample a full-resolution moving volume onto a fixed grid, slab by slab (bounded memory).
+
+    Args:
+        moving: ``(I, J, K)`` moving voxels; ``moving_affine``: its ``(4, 4)`` voxel-to-world affine (RAS mm).
+        fixed_shape: ``(I', J', K')`` of the output grid; ``fixed_affine``: its ``(4, 4)`` voxel-to-world affine.
+        fixed_to_moving: ``(1, 4, 4)`` world matrix or a one-item spline (fixed point -> moving point).
+        mode: ``bilinear`` or ``nearest`` (labels); zeros outside the moving field of view.
+        device: where the resampling runs.
+        max_voxels: output voxels per slab.
+
+    Returns:
+        ``(I', J', K')`` float32 array.
+    """
     mov = torch.as_tensor(np.asarray(moving, dtype=np.float32), device=device)[None, None]
     a_m = torch.as_tensor(moving_affine, dtype=torch.float64, device=device)
     a_f = torch.as_tensor(fixed_affine, dtype=torch.float64, device=device)

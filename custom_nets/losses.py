@@ -109,6 +109,13 @@ class KeyMorphLoss(nn.Module):
         self.last_terms: dict[str, float] = {}
 
     def forward(self, pred: KeyMorphOutput, targets: Mapping[str, Any]) -> torch.Tensor:
+        """The weighted sum of the terms that are on (a scalar); each term's value is kept in :attr:`last_terms`.
+
+        Args:
+            pred: the network output (``warped`` ``(B, 1, ...)`` on the fixed grid, transforms, keypoints).
+            targets: :class:`~custom_nets.engines.KeyMorphPrepareBatch` targets: ``fixed_image`` ``(B, 1, ...)``,
+                affines, and ``fixed_label`` / ``moving_label`` ``(B, 1, ...)`` for the Dice term.
+        """
         fixed = targets["fixed_image"]
         total = fixed.new_zeros(())
         terms: dict[str, float] = {}

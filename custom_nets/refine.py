@@ -100,6 +100,17 @@ class AffineRefiner(nn.Module):
         moving_affine: torch.Tensor | None = None,
         fixed_affine: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Refine ``fixed_to_moving`` on the pair.
+
+        Args:
+            moving, fixed: ``(B, 1, I, J, K)`` images (any grids, intensities scaled alike, e.g. to [0, 1]).
+            fixed_to_moving: ``(B, 4, 4)`` starting world transform (RAS mm, fixed point -> moving point).
+            moving_affine, fixed_affine: ``(4, 4)`` or ``(B, 4, 4)`` voxel-to-world affines (default identity).
+
+        Returns:
+            ``(B, 4, 4)`` float64 refined ``fixed_to_moving``; an item whose result fails the checks of the class
+            keeps its start.
+        """
         if moving.ndim != 5 or fixed.ndim != 5 or moving.shape[0] != fixed.shape[0]:
             raise ValueError(
                 f"expected moving and fixed of shape (B, 1, I, J, K), got {tuple(moving.shape)}, {tuple(fixed.shape)}."
