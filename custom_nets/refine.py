@@ -194,15 +194,16 @@ class AffineRefiner(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Voxel coordinates ``(B, N, 3)`` (float64) drawn in the dilated fixed foreground, the fixed values there
         ``(B, 1, N, 1, 1)``, and which of them lie in the foreground itself ``(B, N)`` (bool)."""
-        spacing = float(affine[0, :3, :3].norm(dim=0).min())
-        radius = max(0, round(self.margin_mm / max(spacing, 1e-6)))
         fg = (fixed > 0).float()
-        region = F.max_pool3d(fg, 2 * radius + 1, stride=1, padding=radius) if radius > 0 else fg
         coords, values, inside = [], [], []
         for i in range(fixed.shape[0]):
-            idx = torch.nonzero(region[i, 0] > 0)
+            spacing = float(affine[i, :3, :3].norm(dim=0).min())  # the margin in this item's voxels
+            radius = max(0, round(self.margin_mm / max(spacing, 1e-6)))
+            item = fg[i : i + 1]
+            region = F.max_pool3d(item, 2 * radius + 1, stride=1, padding=radius)[0, 0] if radius > 0 else item[0, 0]
+            idx = torch.nonzero(region > 0)
             if idx.shape[0] == 0:
-                idx = torch.nonzero(torch.ones_like(region[i, 0], dtype=torch.bool))
+                idx = torch.nonzero(torch.ones_like(region, dtype=torch.bool))
             n = idx.shape[0] if self.samples is None else min(int(self.samples), idx.shape[0])
             idx = idx[torch.randperm(idx.shape[0], generator=gen)[:n].to(idx.device)]
             coords.append(idx.to(torch.float64))

@@ -156,3 +156,17 @@ def test_preprocessing_adds_world_consistent_refinement_images(tmp_path):
     assert kwargs["refine_fixed"].shape == (1, *fine.shape) and torch.allclose(
         kwargs["refine_fixed_affine"][0], fine.affine.double()
     )
+
+
+def test_the_sample_margin_is_in_mm_for_every_batch_item():
+    """The MI sample covers the fixed foreground dilated by ``margin_mm``: 8 voxels at 1 mm, 2 voxels at 4 mm, per
+    item of the batch (the first item's spacing used to set it for all)."""
+    fixed = torch.zeros(2, 1, 21, 21, 21)
+    fixed[:, :, 10, 10, 10] = 1.0
+    affine = torch.stack([torch.diag(torch.tensor([s, s, s, 1.0], dtype=torch.float64)) for s in (1.0, 4.0)])
+    refiner = AffineRefiner(samples=None, margin_mm=8.0, jitter=False)
+    vox, _, inside = refiner._sample(fixed, affine, torch.Generator().manual_seed(0))
+    reach = [float((v - 10).abs().max()) for v in vox]  # farthest sampled voxel from the foreground voxel
+    # both items keep as many points as the smaller region (2 * 2 + 1)^3 = 125 of item 1, drawn at random in item 0
+    assert vox.shape == (2, 125, 3) and reach[1] == 2.0 and 2.0 < reach[0] <= 8.0
+    assert int(inside[1].sum()) == 1
