@@ -108,7 +108,8 @@ class AtomicCheckpointSaver:
         save_dict: objects to save, e.g. ``{"network": net, "optimizer": opt}``.
         every_n_iterations: save every N iterations (``None``: never by iteration).
         every_n_epochs: save every N epochs (``None``: never by epoch).
-        n_saved: keep the last N periodic checkpoints (or the N best with ``key_metric``).
+        n_saved: keep the last N periodic checkpoints (or the N best with ``key_metric``); in a resumed run the
+            checkpoints already in ``save_dir`` up to its starting iteration count, so the folder keeps the last N.
         prefix: file name prefix: files are ``<prefix>_<iteration>.pt``.
         final_filename: also save at the end of the run (or, with ``key_metric``, at each new best) under this exact
             name; a single object in ``save_dict`` is saved as its bare state dict, so e.g. ``model.pt`` loads with
@@ -185,6 +186,21 @@ class AtomicCheckpointSaver:
         path = self.save_dir / f"{self.prefix}_{engine.state.iteration}.pt"
         if path in self.saved:
             return  # the same iteration hit by the iteration and the epoch schedule
+        if not self.saved:  # a resumed run: the checkpoints it continues from count towards n_saved
+            earlier = [
+                p for p in find_checkpoints(self.save_dir, self.prefix) if _iteration(p) < engine.state.iteration
+            ]
+            self.saved = earlier[::-1]
+            later = [
+                p.name for p in find_checkpoints(self.save_dir, self.prefix) if _iteration(p) > engine.state.iteration
+            ]
+            if later:
+                logger.warning(
+                    "%s holds checkpoints of a later iteration than this run's (%s), from another run: a resume "
+                    "would start from them; remove them or use another output folder.",
+                    self.save_dir,
+                    ", ".join(later),
+                )
         self.saved.append(self._write(path))
         for old in self.saved[: -self.n_saved]:
             old.unlink(missing_ok=True)
@@ -197,6 +213,11 @@ class AtomicCheckpointSaver:
         self.best = float(value)
         if self.final_filename:
             self._write(self.save_dir / str(self.final_filename))
+
+
+def _iteration(checkpoint: Path) -> int:
+    """The iteration in a ``<prefix>_<iteration>.pt`` file name."""
+    return int(checkpoint.stem.rsplit("_", 1)[1])
 
 
 def find_checkpoints(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:

@@ -556,6 +556,25 @@ def test_a_label_on_another_grid_than_its_image_is_refused_naming_both(tmp_path,
         assert str(tmp_path / "b.nii.gz") in message
 
 
+def test_a_resumed_run_rotates_the_checkpoints_it_continues_from(tmp_path, caplog):
+    """n_saved = 2 holds across a resume: the earlier run's checkpoints are rotated out as the resumed run saves, and
+    checkpoints of a later iteration (another run's) are named in a warning."""
+    from types import SimpleNamespace
+
+    net = torch.nn.Linear(2, 2)
+    for it in (2, 4):  # the run that was interrupted
+        torch.save({"network": net.state_dict()}, tmp_path / f"checkpoint_{it}.pt")
+    saver = AtomicCheckpointSaver(str(tmp_path), {"network": net, "optimizer": torch.optim.Adam(net.parameters())})
+    for it in (6, 8):  # the resumed run (from iteration 4)
+        saver._save_periodic(SimpleNamespace(state=SimpleNamespace(iteration=it)))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_6.pt", "checkpoint_8.pt"]
+    torch.save({"network": net.state_dict()}, tmp_path / "checkpoint_99.pt")
+    fresh = AtomicCheckpointSaver(str(tmp_path), {"network": net})
+    with caplog.at_level(logging.WARNING):
+        fresh._save_periodic(SimpleNamespace(state=SimpleNamespace(iteration=10)))
+    assert "checkpoint_99.pt" in caplog.text and "a resume would start from them" in caplog.text
+
+
 def test_checkpoint_saver_refuses_non_finite_weights(tmp_path):
     net = torch.nn.Linear(2, 2)
     saver = AtomicCheckpointSaver(str(tmp_path), {"network": net, "optimizer": torch.optim.Adam(net.parameters())})
