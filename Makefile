@@ -12,12 +12,14 @@ STUDIES ?= studies
 LABEL_PORT ?= 8000
 
 # Free disk (GB) each venv install needs, measured on fresh installs: .venv 3.5 GB, .venv-label 8.2 GB (monailabel
-# needs torchvision, hence a CUDA build of torch). Checked before installing, so a full disk fails at once, saying so.
+# needs torchvision, hence a CUDA build of torch). Checked before creating a venv (not when updating one), on the disk
+# the venv goes to, so a full disk fails at once, saying so.
 VENV_GB ?= 4
 LABEL_VENV_GB ?= 9
 define check_free_disk
-	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); if [ "$$free" -lt "$(1)" ]; then \
-		echo "error: installing $(2) needs about $(1) GB of free disk; $$free GB are free on the disk of $(CURDIR)." >&2; \
+	@dir=$$(dirname "$(abspath $(2))"); free=$$(df -Pk "$$dir" | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ ! -x "$(2)/bin/python" ] && [ "$$free" -lt "$(1)" ]; then \
+		echo "error: installing $(2) needs about $(1) GB of free disk; $$free GB are free on the disk of $$dir." >&2; \
 		exit 1; fi
 endef
 

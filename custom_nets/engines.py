@@ -93,7 +93,8 @@ class KeyMorphPrepareBatch:
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
     ) -> tuple[torch.Tensor | None, dict[str, Any], tuple[torch.Tensor, ...], dict[str, Any]]:
-        """``(moving (B, 1, ...), targets, (fixed (B, 1, ...),), kwargs)`` on ``device``, as MONAI engines call it.
+        """``(moving (B, 1, ...), targets, (fixed (B, 1, ...),), kwargs)`` on ``device``, as MONAI engines call it;
+        ``(None, {"failures": [...]}, (), {})`` when no item of the batch loaded.
 
         Raises:
             KeyError: the batch has no ``moving_image`` or ``fixed_image``.
@@ -184,9 +185,9 @@ class FailSafeInferer(Inferer):
     """Run the network on a batch of pairs so that a pair that cannot be registered does not fail the others.
 
     The network is called once on the whole batch. If that raises, or gives a NaN / Inf result for some item (see
-    :func:`nonfinite_items`), the items are run one by one and each one that raises or is non-finite becomes a
-    :class:`RegistrationFailure` with the error. ``None`` inputs (no pair of the batch could be loaded) give ``[]``
-    without calling the network.
+    :func:`nonfinite_items`), each item that raises or is non-finite becomes a :class:`RegistrationFailure` with the
+    error: a batch of one from that one call, a larger batch by running its items one by one. ``None`` inputs (no
+    pair of the batch could be loaded) give ``[]`` without calling the network.
 
     Returns:
         The network output (a :class:`~custom_nets.keymorph.KeyMorphOutput`) when every item succeeded, else a list

@@ -86,7 +86,9 @@ def full_precision(device: torch.device | str) -> AbstractContextManager:
     precision when the caller runs under mixed precision (autocast would take a float32 matmul to float16 on CUDA,
     bfloat16 on the CPU: sub-voxel keypoints and world mm would lose their fractions, or overflow float16)."""
     kind = torch.device(device).type
-    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    supported = available(kind) if available is not None else kind in ("cpu", "cuda")
+    return torch.autocast(kind, enabled=False) if supported else nullcontext()
 
 
 def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

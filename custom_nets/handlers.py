@@ -108,8 +108,9 @@ class AtomicCheckpointSaver:
         save_dict: objects to save, e.g. ``{"network": net, "optimizer": opt}``.
         every_n_iterations: save every N iterations (``None``: never by iteration).
         every_n_epochs: save every N epochs (``None``: never by epoch).
-        n_saved: keep the last N periodic checkpoints (or the N best with ``key_metric``); in a resumed run the
-            checkpoints already in ``save_dir`` up to its starting iteration count, so the folder keeps the last N.
+        n_saved: keep the last N periodic checkpoints (or the N best with ``key_metric``); the checkpoints already
+            in ``save_dir`` of an iteration before this run's first save (those a resumed run continues from) count,
+            so the folder keeps the last N.
         prefix: file name prefix: files are ``<prefix>_<iteration>.pt``.
         final_filename: also save at the end of the run (or, with ``key_metric``, at each new best) under this exact
             name; a single object in ``save_dict`` is saved as its bare state dict, so e.g. ``model.pt`` loads with
@@ -594,7 +595,7 @@ class RegistrationReport:
 def output_stem(path: str) -> str:
     """The name inference outputs of an image get: its file name without the image extension."""
     name = Path(path).name
-    return re.sub(r"\.nii(\.gz)?$|\.mgz$|\.nrrd$", "", name, flags=re.IGNORECASE)
+    return re.sub(r"\.nii(\.gz)?$|\.mg[hz]$|\.n(rrd|hdr)$|\.mh[ad]$|\.hdr$|\.img$", "", name, flags=re.IGNORECASE)
 
 
 def _load_volume(path: str) -> Any:

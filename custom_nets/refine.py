@@ -108,8 +108,8 @@ class AffineRefiner(nn.Module):
             moving_affine, fixed_affine: ``(4, 4)`` or ``(B, 4, 4)`` voxel-to-world affines (default identity).
 
         Returns:
-            ``(B, 4, 4)`` float64 refined ``fixed_to_moving``; an item whose result fails the checks of the class
-            keeps its start.
+            ``(B, 4, 4)`` refined ``fixed_to_moving`` in the dtype of the start (optimised in float64); an item whose
+            result fails the checks of the class keeps its start.
         """
         if moving.ndim != 5 or fixed.ndim != 5 or moving.shape[0] != fixed.shape[0]:
             raise ValueError(

@@ -59,6 +59,7 @@ def score_results(results_dir: str | Path, datalist: str | Path, key: str = "tes
     Raises:
         FileNotFoundError: a pair's result JSON is missing (the message names it).
         KeyError: a pair has no ground truth ``fixed_to_moving_ras``.
+        ValueError: a result JSON holds no transform (see :func:`result_fixed_to_moving`).
     """
     rows = []
     for pair in load_pair_list(datalist, key):

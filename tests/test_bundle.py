@@ -95,6 +95,8 @@ def test_resume_continues_from_the_last_checkpoint(trained, work):
     steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
     assert steps == {6}
     assert {g["lr"] for g in final["optimizer"]["param_groups"]} == {0.00005}  # the configured rate wins
+    # n_saved = 2 across the resume: the checkpoints it continued from were rotated out too
+    assert [p.name for p in find_checkpoints(run / "checkpoints")] == ["checkpoint_6.pt", "checkpoint_5.pt"]
 
 
 def test_evaluation_reports_by_angle(trained, work):
@@ -240,6 +242,7 @@ def test_inference_on_nrrd_images_writes_nifti_on_the_fixed_grid(trained, demo, 
     """Images nibabel does not read (NRRD here, through MONAI's ITK reader) register and write like NIfTI: the exact
     translation, and the warped NIfTI on the fixed image's grid in RAS reproduces the fixed image."""
     sitk = pytest.importorskip("SimpleITK")
+    pytest.importorskip("itk", reason="MONAI reads NRRD through itk (the bench extra installs it)")
     fixed_nii = demo / "sub-02_T1.nii.gz"
     moving_nii = work / "nrrd_src_T1.nii.gz"
     truth = _translated_copy(

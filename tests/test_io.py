@@ -485,3 +485,10 @@ def test_write_json_refuses_non_finite_values(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         write_json(tmp_path / "r.json", {"error_mm": float("nan")})
     assert not list(tmp_path.iterdir())
+
+
+def test_output_stems_drop_every_image_extension_inference_reads():
+    from custom_nets.handlers import output_stem
+
+    names = ["a.nii.gz", "b.NII", "c.mgz", "c2.mgh", "d.nrrd", "e.nhdr", "f.mha", "g.mhd", "h.hdr", "i.img", "s.T1.nii"]
+    assert [output_stem(f"/data/{n}") for n in names] == ["a", "b", "c", "c2", "d", "e", "f", "g", "h", "i", "s.T1"]
