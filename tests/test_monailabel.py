@@ -319,9 +319,14 @@ def test_weight_store_publishes_verified_weights(registration_lib, tmp_path):
 
     store = registration_lib.WeightStore(BUNDLE, tmp_path / "model")
     assert store.current().kind == "shipped" and store.finetuned() is None
-    assert registration_lib.verify_weights(store.shipped, BUNDLE) == expected_sha256(
-        BUNDLE / "models/model.pt", BUNDLE / "large_files.yml"
-    )
+    recorded = expected_sha256(BUNDLE / "models/model.pt", BUNDLE / "large_files.yml")
+    assert store.shipped.sha256 == recorded  # described per request without hashing the file again
+    assert registration_lib.verify_weights(store.shipped, BUNDLE) == recorded
+    copy = tmp_path / "bundle"  # shipped weights changed on disk: the recorded digest refuses them
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns("runs", "eval", "*.ts"))
+    (copy / "models" / "model.pt").write_bytes(b"changed")
+    with pytest.raises(WeightsIntegrityError, match="does not match"):
+        registration_lib.verify_weights(registration_lib.WeightStore(copy, tmp_path / "model").shipped, copy)
     run = tmp_path / "model" / "train" / "r1"
     run.mkdir(parents=True)
     (run / "model.pt").write_bytes(b"weights")

@@ -187,7 +187,8 @@ class Weights:
 
     Attributes:
         path: the file (a state dict of the bundle's network).
-        sha256: expected hex digest; ``None`` for the shipped weights, whose digest is in the bundle's large_files.yml.
+        sha256: expected hex digest (for the shipped weights, their bundle's large_files.yml entry; ``None`` when
+            no digest is recorded).
         kind: ``"shipped"`` or ``"finetuned"``.
         name: the file relative to the bundle (shipped) or to the app's model folder (fine-tuned), shown to clients.
     """
@@ -198,7 +199,8 @@ class Weights:
     name: str
 
     def describe(self) -> dict[str, Any]:
-        """Client-facing description (no server path): kind, name, SHA-256."""
+        """Client-facing description (no server path): kind, name, SHA-256 (the recorded one, which the loader
+        verified the file against; the file's own only when none is recorded)."""
         from custom_nets.io import sha256_file
 
         return {"kind": self.kind, "file": self.name, "sha256": self.sha256 or sha256_file(self.path)}
@@ -222,7 +224,12 @@ class WeightStore:
 
     @property
     def shipped(self) -> Weights:
-        return Weights(self.bundle_dir / "models" / "model.pt", None, "shipped", "models/model.pt")
+        """The bundle's ``models/model.pt`` with the SHA-256 its ``large_files.yml`` records (``None`` if unlisted):
+        the digest the loader checks the file against before every registration."""
+        from custom_nets.handlers import expected_sha256
+
+        path = self.bundle_dir / "models" / "model.pt"
+        return Weights(path, expected_sha256(path, self.bundle_dir / "large_files.yml"), "shipped", "models/model.pt")
 
     def finetuned(self) -> Weights | None:
         """The latest published fine-tuned weights, or ``None``."""
@@ -366,7 +373,7 @@ class BundleRegistration:
         workflow = ConfigWorkflow(
             config_file=str(self.config_file), logging_file=False, workflow_type="infer", run_id="inference", **config
         )
-        if weights is not None and weights.sha256:  # weights not listed in large_files.yml: give their digest
+        if weights is not None and weights.sha256:  # the digest to check (large_files.yml lacks fine-tuned ones)
             i = _find_item(workflow.parser["handlers"], "VerifiedCheckpointLoader", f"{self.config_file} handlers")
             workflow.parser[f"handlers#{i}#sha256"] = weights.sha256
         from custom_nets.handlers import RegistrationWriter, WeightsIntegrityError
