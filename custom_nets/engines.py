@@ -248,7 +248,7 @@ def transform_error_mm(
     truth: torch.Tensor,
     fixed_mask: torch.Tensor,
     fixed_affine: torch.Tensor,
-    max_points: int = 20000,
+    max_points: int | None = 20000,
 ) -> torch.Tensor:
     """Mean distance (mm) between predicted and true ``fixed_to_moving`` images of the fixed image's masked voxels.
 
@@ -257,7 +257,7 @@ def transform_error_mm(
         truth: ``(B, 4, 4)`` ground-truth world matrices.
         fixed_mask: ``(B, 1, I, J, K)``; voxels ``> 0`` count (e.g. the brain labels).
         fixed_affine: ``(B, 4, 4)`` voxel-to-world of the fixed image.
-        max_points: voxels used per item (an even subsample beyond that).
+        max_points: voxels used per item (an even subsample beyond that); ``None``: every masked voxel.
 
     Returns:
         ``(B,)`` float64 errors in mm.
@@ -268,7 +268,8 @@ def transform_error_mm(
         vox = grid[fixed_mask[b, 0] > 0]
         if vox.shape[0] == 0:
             vox = grid.reshape(-1, 3)
-        vox = vox[:: max(1, vox.shape[0] // max_points)]
+        if max_points is not None:
+            vox = vox[:: max(1, vox.shape[0] // max_points)]
         world = voxel_to_world(vox.unsqueeze(0), fixed_affine[b : b + 1].to(torch.float64))
         moved = _apply(predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else predicted.select(b), world)
         true = _apply(truth[b : b + 1].to(torch.float64), world)

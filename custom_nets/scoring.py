@@ -8,12 +8,14 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from .data.datasets import load_pair_list
-from .engines import SUCCESS_MM
+from .engines import SUCCESS_MM, transform_error_mm
+from .fits import ThinPlateSpline, fit_tps
 from .handlers import output_stem
 
-__all__ = ["score_results", "format_scores", "result_fixed_to_moving", "summary_markdown"]
+__all__ = ["score_results", "format_scores", "result_transform", "summary_markdown"]
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -24,42 +26,36 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def result_fixed_to_moving(result: dict[str, Any], points: np.ndarray, source: str | Path = "result") -> np.ndarray:
-    """Map ``(N, 3)`` fixed world points (RAS mm) through a result JSON's ``fixed_to_moving`` transform.
+def result_transform(result: dict[str, Any], source: str | Path = "result") -> torch.Tensor | ThinPlateSpline:
+    """The ``fixed_to_moving`` transform (RAS mm) of a result JSON: a ``(1, 4, 4)`` float64 matrix, or a spline.
 
     Affine and rigid results carry the matrix ``fixed_to_moving_ras``; a spline result (``transform_type`` ``tps``) is
-    refitted from its keypoints, weights and ``tps_lambda``, the fit the registration made (same inputs, same
-    closed form), so splines are scored like matrices.
+    refitted from its keypoints, weights and ``tps_lambda``: the fit the registration made (same inputs, same closed
+    form), so splines are scored like matrices.
 
     Raises:
         ValueError: the JSON holds neither (the message names ``source``).
     """
     if "fixed_to_moving_ras" in result:
-        m = np.asarray(result["fixed_to_moving_ras"], dtype=np.float64)
-        return points @ m[:3, :3].T + m[:3, 3]
+        return torch.as_tensor(result["fixed_to_moving_ras"], dtype=torch.float64).reshape(1, 4, 4)
     needed = ("keypoints_fixed_ras_mm", "keypoints_moving_ras_mm", "keypoint_weights", "tps_lambda")
     if result.get("transform_type") == "tps" and all(k in result for k in needed):
-        import torch
-
-        from .fits import fit_tps
-
         kp_f, kp_m, w = (torch.as_tensor(result[k], dtype=torch.float64)[None] for k in needed[:3])
-        spline = fit_tps(kp_f, kp_m, float(result["tps_lambda"]), w)
-        return spline(torch.as_tensor(points, dtype=torch.float64)[None])[0].numpy()
+        return fit_tps(kp_f, kp_m, float(result["tps_lambda"]), w)
     raise ValueError(
         f"{source}: expected 'fixed_to_moving_ras', or a tps result with {', '.join(needed)}; found {sorted(result)}."
     )
 
 
 def score_results(results_dir: str | Path, datalist: str | Path, key: str = "test_pairs") -> list[dict[str, Any]]:
-    """Per pair: mean error (mm) over the fixed brain between the result's ``fixed_to_moving`` transform (matrix or
-    spline, see :func:`result_fixed_to_moving`) and the truth, success (below 2 mm), and tissue Dice of the warped
-    labels when they were written.
+    """Per pair: mean error (mm) over the fixed brain (:func:`~custom_nets.engines.transform_error_mm` over every
+    brain voxel) between the result's ``fixed_to_moving`` transform (matrix or spline, see :func:`result_transform`)
+    and the truth, success (below 2 mm), and tissue Dice of the warped labels when they were written.
 
     Raises:
         FileNotFoundError: a pair's result JSON is missing (the message names it).
         KeyError: a pair has no ground truth ``fixed_to_moving_ras``.
-        ValueError: a result JSON holds no transform (see :func:`result_fixed_to_moving`).
+        ValueError: a result JSON holds no transform (see :func:`result_transform`).
     """
     rows = []
     for pair in load_pair_list(datalist, key):
@@ -70,13 +66,14 @@ def score_results(results_dir: str | Path, datalist: str | Path, key: str = "tes
         if "fixed_to_moving_ras" not in pair:
             raise KeyError(f"{datalist}: the pair of {pair['moving_image']} has no ground truth 'fixed_to_moving_ras'.")
         result = json.loads(result_path.read_text())
-        truth = np.asarray(pair["fixed_to_moving_ras"], dtype=np.float64)
+        truth = torch.as_tensor(pair["fixed_to_moving_ras"], dtype=torch.float64).reshape(1, 4, 4)
         fixed_label = nib.load(pair["fixed_label"]) if pair.get("fixed_label") else nib.load(pair["fixed_image"])
         data = np.asarray(fixed_label.dataobj)
-        vox = np.argwhere(data > 0).astype(np.float64)
-        world = vox @ fixed_label.affine[:3, :3].T + fixed_label.affine[:3, 3]
-        diff = result_fixed_to_moving(result, world, result_path) - (world @ truth[:3, :3].T + truth[:3, 3])
-        error = float(np.linalg.norm(diff, axis=1).mean())
+        mask = torch.from_numpy(np.ascontiguousarray(data > 0))[None, None]
+        affine = torch.as_tensor(fixed_label.affine, dtype=torch.float64)[None]
+        predicted = result_transform(result, result_path)
+        # the metric of training and evaluation, here over every brain voxel
+        error = float(transform_error_mm(predicted, truth, mask, affine, max_points=None)[0])
         row = {
             "moving": Path(pair["moving_image"]).name,
             "fixed": Path(pair["fixed_image"]).name,

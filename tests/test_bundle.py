@@ -230,12 +230,12 @@ def test_spline_inference_writes_its_documented_outputs(trained, demo, work):
     lab = nib.load(str(out / "tps_T1_label_warped.nii.gz")).get_fdata()
     assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
     # scoring refits the spline from the JSON's keypoints, weights and lambda: the translation, everywhere
-    from custom_nets.scoring import result_fixed_to_moving
+    from custom_nets.scoring import result_transform
 
-    points = np.random.default_rng(0).uniform(-80.0, 80.0, (500, 3))
-    assert np.abs(result_fixed_to_moving(result, points) - (points + truth[:3, 3])).max() < 1e-3
+    points = torch.from_numpy(np.random.default_rng(0).uniform(-80.0, 80.0, (1, 500, 3)))
+    assert (result_transform(result)(points) - (points + torch.from_numpy(truth[:3, 3]))).abs().max() < 1e-3
     with pytest.raises(ValueError, match=r"x\.json: expected 'fixed_to_moving_ras', or a tps result"):
-        result_fixed_to_moving({"transform_type": "tps"}, points, "x.json")
+        result_transform({"transform_type": "tps"}, "x.json")
 
 
 def test_inference_on_nrrd_images_writes_nifti_on_the_fixed_grid(trained, demo, work):
