@@ -33,7 +33,7 @@ from torch import nn
 
 from .data.datasets import FAILURES_KEY
 from .fits import ThinPlateSpline
-from .geometry import apply_affine, as_tensor, batch_affine, voxel_grid, voxel_to_world
+from .geometry import apply_affine, apply_transform, as_tensor, batch_affine, voxel_grid, voxel_to_world
 from .keymorph import KeyMorphOutput
 from .losses import warp_target_labels
 
@@ -237,12 +237,6 @@ def _nonfinite() -> RegistrationFailure:
     )
 
 
-def _apply(transform: torch.Tensor | ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:
-    if isinstance(transform, ThinPlateSpline):
-        return transform(points)
-    return apply_affine(transform.to(points.dtype), points)
-
-
 def transform_error_mm(
     predicted: torch.Tensor | ThinPlateSpline,
     truth: torch.Tensor,
@@ -271,8 +265,9 @@ def transform_error_mm(
         if max_points is not None:
             vox = vox[:: max(1, vox.shape[0] // max_points)]
         world = voxel_to_world(vox.unsqueeze(0), fixed_affine[b : b + 1].to(torch.float64))
-        moved = _apply(predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else predicted.select(b), world)
-        true = _apply(truth[b : b + 1].to(torch.float64), world)
+        item = predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else predicted.select(b)
+        moved = apply_transform(item, world)
+        true = apply_affine(truth[b : b + 1].to(torch.float64), world)
         errors.append((moved.to(torch.float64) - true).norm(dim=-1).mean())
     return torch.stack(errors)
 

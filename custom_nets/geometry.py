@@ -32,6 +32,7 @@ __all__ = [
     "as_tensor",
     "batch_affine",
     "apply_affine",
+    "apply_transform",
     "full_precision",
     "voxel_grid",
     "voxel_to_world",
@@ -101,6 +102,12 @@ def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     m = matrix.to(points.dtype)
     with full_precision(points.device):
         return points @ m[:, :3, :3].transpose(1, 2) + m[:, None, :3, 3]
+
+
+def apply_transform(transform: PointTransform, points: torch.Tensor) -> torch.Tensor:
+    """Map ``(B, N, 3)`` world points through a :data:`PointTransform`: ``(B, 4, 4)`` matrices (see
+    :func:`apply_affine`) or a callable such as a thin-plate spline."""
+    return apply_affine(transform, points) if isinstance(transform, torch.Tensor) else transform(points)
 
 
 def voxel_grid(

@@ -188,13 +188,9 @@ class AtomicCheckpointSaver:
         if path in self.saved:
             return  # the same iteration hit by the iteration and the epoch schedule
         if not self.saved:  # a resumed run: the checkpoints it continues from count towards n_saved
-            earlier = [
-                p for p in find_checkpoints(self.save_dir, self.prefix) if _iteration(p) < engine.state.iteration
-            ]
-            self.saved = earlier[::-1]
-            later = [
-                p.name for p in find_checkpoints(self.save_dir, self.prefix) if _iteration(p) > engine.state.iteration
-            ]
+            found = find_checkpoints(self.save_dir, self.prefix)  # newest first
+            self.saved = [p for p in found[::-1] if _iteration(p) < engine.state.iteration]
+            later = [p.name for p in found if _iteration(p) > engine.state.iteration]
             if later:
                 logger.warning(
                     "%s holds checkpoints of a later iteration than this run's (%s), from another run: a resume "

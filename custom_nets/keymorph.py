@@ -11,6 +11,7 @@ from torch import nn
 from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_transform
 from .geometry import (
     apply_affine,
+    apply_transform,
     as_tensor,
     batch_affine,
     heatmap_to_voxel,
@@ -392,8 +393,7 @@ class KeyMorph(nn.Module):
     ) -> float:
         """:attr:`search_similarity` between the fixed ``values`` at ``world`` (see :meth:`_search_sample`) and
         ``moving`` ``(1, C, ...)`` sampled through ``f2m`` (lower is better)."""
-        moved = f2m(world) if isinstance(f2m, ThinPlateSpline) else apply_affine(f2m.to(world.dtype), world)
-        sampled = sample_at_voxels(moving.float(), world_to_voxel(moved, moving_affine))
+        sampled = sample_at_voxels(moving.float(), world_to_voxel(apply_transform(f2m, world), moving_affine))
         return float(self.search_similarity(sampled, values))
 
     @torch.no_grad()

@@ -139,27 +139,38 @@ def _translated_copy(src_img: Path, src_lab: Path, dst_img: Path, dst_lab: Path,
     return truth
 
 
-def test_inference_outputs_agree_with_each_other_and_the_truth(trained, demo, work):
-    fixed, fixed_lab = demo / "sub-02_T1.nii.gz", demo / "sub-02_label.nii.gz"
-    moving, moving_lab = work / "shifted_T1.nii.gz", work / "shifted_label.nii.gz"
-    truth = _translated_copy(fixed, fixed_lab, moving, moving_lab, np.array([12.3, -7.9, 20.6]))
-    out = work / "infer"
-    bundle_cli(
+def _infer(trained: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """``monai.bundle run inference`` with the module's small trained network, writing to ``out``."""
+    return bundle_cli(
         "run",
         "inference",
         "--config_file",
         "configs/inference.json",
         "--ckpt_path",
         str(trained / "model.pt"),
-        "--moving",
-        str(moving),
-        "--fixed",
-        str(fixed),
-        "--moving_label",
-        str(moving_lab),
         "--output_dir",
         str(out),
+        *args,
         *TINY,
+    )
+
+
+def _assert_reproduces_fixed(warped_path: Path, fixed_path: Path, affine_atol: float = 1e-8) -> None:
+    """The warped NIfTI lies on the fixed image's grid and reproduces its voxels (to 1e-3)."""
+    warped, fixed_img = nib.load(str(warped_path)), nib.load(str(fixed_path))
+    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine, atol=affine_atol)
+    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
+
+
+def test_inference_outputs_agree_with_each_other_and_the_truth(trained, demo, work):
+    fixed, fixed_lab = demo / "sub-02_T1.nii.gz", demo / "sub-02_label.nii.gz"
+    moving, moving_lab = work / "shifted_T1.nii.gz", work / "shifted_label.nii.gz"
+    truth = _translated_copy(fixed, fixed_lab, moving, moving_lab, np.array([12.3, -7.9, 20.6]))
+    out = work / "infer"
+    _infer(
+        trained,
+        out,
+        *("--moving", str(moving), "--fixed", str(fixed), "--moving_label", str(moving_lab)),
         "--refine",  # the exact keypoint result is checked; refinement moves it by ~0.01 mm (see test_refine.py)
         "False",
     )
@@ -173,10 +184,8 @@ def test_inference_outputs_agree_with_each_other_and_the_truth(trained, demo, wo
     kp_f, kp_m = np.array(result["keypoints_fixed_ras_mm"]), np.array(result["keypoints_moving_ras_mm"])
     assert np.abs(kp_m - kp_f - truth[:3, 3]).max() < 1e-3
     # the warped NIfTI lies on the fixed grid, with the fixed header, and reproduces the fixed image and labels
+    _assert_reproduces_fixed(out / "shifted_T1_warped.nii.gz", fixed)
     warped = nib.load(str(out / "shifted_T1_warped.nii.gz"))
-    fixed_img = nib.load(str(fixed))
-    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine)
-    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
     lab = nib.load(str(out / "shifted_T1_label_warped.nii.gz")).get_fdata()
     assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
     assert (out / "shifted_T1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -199,34 +208,17 @@ def test_spline_inference_writes_its_documented_outputs(trained, demo, work):
     moving, moving_lab = work / "tps_T1.nii.gz", work / "tps_label.nii.gz"
     truth = _translated_copy(fixed, fixed_lab, moving, moving_lab, np.array([-6.1, 9.4, 3.3]))
     out = work / "infer_tps"
-    bundle_cli(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.json",
-        "--ckpt_path",
-        str(trained / "model.pt"),
-        "--moving",
-        str(moving),
-        "--fixed",
-        str(fixed),
-        "--moving_label",
-        str(moving_lab),
-        "--output_dir",
-        str(out),
-        "--transform_type",
-        "tps",
-        "--write_png",
-        "False",
-        *TINY,
+    _infer(
+        trained,
+        out,
+        *("--moving", str(moving), "--fixed", str(fixed), "--moving_label", str(moving_lab)),
+        *("--transform_type", "tps", "--write_png", "False"),
     )
     result = json.loads((out / "tps_T1.json").read_text())
     assert result["transform_type"] == "tps" and result["tps_lambda"] == 0.0
     assert "fixed_to_moving_ras" not in result and not (out / "tps_T1.tfm").exists()
     assert np.abs(np.array(result["fixed_to_moving_affine_part_ras"]) - truth).max() < 1e-3
-    warped, fixed_img = nib.load(str(out / "tps_T1_warped.nii.gz")), nib.load(str(fixed))
-    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine)
-    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
+    _assert_reproduces_fixed(out / "tps_T1_warped.nii.gz", fixed)
     lab = nib.load(str(out / "tps_T1_label_warped.nii.gz")).get_fdata()
     assert (lab == nib.load(str(fixed_lab)).get_fdata()).mean() > 0.999
     # scoring refits the spline from the JSON's keypoints, weights and lambda: the translation, everywhere
@@ -252,49 +244,15 @@ def test_inference_on_nrrd_images_writes_nifti_on_the_fixed_grid(trained, demo, 
     sitk.WriteImage(sitk.ReadImage(str(fixed_nii)), str(fixed))
     sitk.WriteImage(sitk.ReadImage(str(moving_nii)), str(moving))
     out = work / "infer_nrrd"
-    bundle_cli(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.json",
-        "--ckpt_path",
-        str(trained / "model.pt"),
-        "--moving",
-        str(moving),
-        "--fixed",
-        str(fixed),
-        "--output_dir",
-        str(out),
-        "--refine",
-        "False",
-        "--write_png",
-        "False",
-        *TINY,
-    )
+    _infer(trained, out, "--moving", str(moving), "--fixed", str(fixed), "--refine", "False", "--write_png", "False")
     f2m = np.array(json.loads((out / "moving_T1.json").read_text())["fixed_to_moving_ras"])
     assert np.abs(f2m - truth).max() < 1e-3
-    warped, fixed_img = nib.load(str(out / "moving_T1_warped.nii.gz")), nib.load(str(fixed_nii))
-    assert warped.shape == fixed_img.shape and np.allclose(warped.affine, fixed_img.affine, atol=1e-4)
-    assert np.abs(warped.get_fdata() - fixed_img.get_fdata()).max() < 1e-3
+    _assert_reproduces_fixed(out / "moving_T1_warped.nii.gz", fixed_nii, affine_atol=1e-4)
 
 
 def test_inference_on_the_demo_pair_list(trained, demo, work):
     out = work / "infer_list"
-    bundle_cli(
-        "run",
-        "inference",
-        "--config_file",
-        "configs/inference.json",
-        "--ckpt_path",
-        str(trained / "model.pt"),
-        "--dataset_dir",
-        str(demo),
-        "--output_dir",
-        str(out),
-        "--write_png",
-        "False",
-        *TINY,
-    )
+    _infer(trained, out, "--dataset_dir", str(demo), "--write_png", "False")
     pairs = json.loads((demo / "datalist.json").read_text())["test_pairs"]
     for p in pairs:
         stem = Path(p["moving_image"]).name.replace(".nii.gz", "")
