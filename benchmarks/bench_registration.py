@@ -140,7 +140,7 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
 class _KeyMorph:
     """The bundle's inference pipeline (configs/inference.json: preprocessing, network, weights) in process."""
 
-    def __init__(self, refine: bool) -> None:
+    def __init__(self, refine: bool, overrides: dict[str, Any] | None = None) -> None:
         import torch
         from monai.bundle import ConfigParser
         from monai.data import list_data_collate
@@ -151,6 +151,8 @@ class _KeyMorph:
         parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
         parser["bundle_root"] = str(ROOT / "bundle")
         parser["refine"] = bool(refine)
+        for key, value in (overrides or {}).items():
+            parser[key] = value
         self.device = parser.get_parsed_content("device")
         self.network = parser.get_parsed_content("network").eval()
         self.settings = {"device": str(self.device), "amp": bool(self.network.amp)}

@@ -8,9 +8,11 @@ from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_affine, fit_rig
 from .geometry import resample
 from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput, amp_supported
 from .keypoints import CenterOfMass, power_weights
+from .options import parse_bool
+from .quality import QualityThresholds
 from .refine import AffineRefiner
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AffineRefiner",
@@ -27,6 +29,8 @@ __all__ = [
     "fit_rigid",
     "fit_tps",
     "fit_transform",
+    "parse_bool",
     "power_weights",
+    "QualityThresholds",
     "resample",
 ]

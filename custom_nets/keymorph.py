@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from .geometry import (
     world_to_voxel,
 )
 from .keypoints import CenterOfMass, power_weights
+from .quality import QualityThresholds, assess_registration, thresholds_dict, verdict
 from .search import cube_rotations, rotate_volume
 
 __all__ = ["KeyMorph", "KeyMorphOutput", "TRANSFORM_TYPES", "amp_supported", "keypoint_residual_mm"]
@@ -73,6 +76,9 @@ class KeyMorphOutput:
         transform_type: ``"rigid"``, ``"affine"`` or ``"tps"``.
         tps_lambda: smoothing used for ``tps`` (``None`` otherwise).
         keypoints_moving_alt: ``(B, K, 3)`` keypoints of ``moving_alt`` when one was given (keypoint consistency).
+        quality: at inference (eval mode, ``assess_quality``), one record per batch item saying how sure the result
+            is: similarity after registration, keypoint agreement, the orientation search's candidates, and a
+            ``verdict`` (``ok`` / ``suspect``) with its ``reasons`` (see :mod:`custom_nets.quality`).
     """
 
     warped: torch.Tensor
@@ -84,6 +90,18 @@ class KeyMorphOutput:
     transform_type: str
     tps_lambda: float | None = None
     keypoints_moving_alt: torch.Tensor | None = None
+    quality: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class _Candidate:
+    """A view of the orientation search: its keypoint-fit residual (mm), moving keypoints ``(1, K, 3)`` and weights
+    ``(1, K)``, and its index in :func:`~custom_nets.search.cube_rotations`."""
+
+    residual: float
+    keypoints_moving: torch.Tensor
+    weights: torch.Tensor
+    view: int
 
 
 def _check_content(image: torch.Tensor, name: str) -> None:
@@ -144,6 +162,21 @@ class KeyMorph(nn.Module):
             CPU; see :func:`amp_supported`). The heatmaps return to float32 before the centre of mass, and the fits
             stay in float64, so keypoints move by a small fraction of a voxel; with the orientation search the
             detector is most of the inference time. Training precision is the trainer's (``amp`` in train.json).
+        search_candidates: with the orientation search and a :attr:`refiner`, the views with the smallest residuals
+            (up to this many) are each refined on the first ``candidate_levels`` levels of the refiner, and the one
+            whose mutual information is best is finished on the other levels: the residual alone picked a wrong view
+            on some real pairs, similarity alone on others. A candidate whose keypoint fit starts within
+            ``quality_thresholds.disagreement_mm`` of an earlier one's is the same start and is skipped. Where a
+            candidate that ends elsewhere scores almost as well, the result's quality says so (``views.ambiguous``).
+            ``1``: the residual's choice only.
+        candidate_levels: refiner levels (coarse first) each candidate runs before the comparison.
+        assess_quality: at inference, add a quality record with a verdict to every result (:attr:`KeyMorphOutput.
+            quality`).
+        quality_thresholds: the verdict's limits (:class:`~custom_nets.quality.QualityThresholds` or a mapping of
+            some of its fields); default: the calibrated ones.
+        inverse_consistency: at inference, also register every pair the other way round (its own orientation search
+            and refinement) and report the mean discrepancy over the fixed foreground (``inverse_consistency_mm``);
+            about doubles the time.
     """
 
     def __init__(
@@ -160,6 +193,11 @@ class KeyMorph(nn.Module):
         search_batch: int = 8,
         amp: bool = False,
         search_rank: str = "residual",
+        search_candidates: int = 3,
+        candidate_levels: int = 1,
+        assess_quality: bool = True,
+        quality_thresholds: QualityThresholds | Mapping[str, Any] | None = None,
+        inverse_consistency: bool = False,
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -179,6 +217,13 @@ class KeyMorph(nn.Module):
         if search_rank not in SEARCH_RANKS:
             raise ValueError(f"expected search_rank in {SEARCH_RANKS}, got {search_rank!r}.")
         self.search_rank = search_rank
+        if int(search_candidates) < 1:
+            raise ValueError(f"expected search_candidates >= 1, got {search_candidates!r}.")
+        self.search_candidates, self.candidate_levels = int(search_candidates), max(1, int(candidate_levels))
+        self.assess_quality, self.inverse_consistency = bool(assess_quality), bool(inverse_consistency)
+        if not isinstance(quality_thresholds, QualityThresholds):
+            quality_thresholds = QualityThresholds.from_mapping(quality_thresholds)
+        self.quality_thresholds = quality_thresholds
 
     @staticmethod
     def _check_type(transform_type: str) -> str:
@@ -304,8 +349,13 @@ class KeyMorph(nn.Module):
             )
             search = False
         if search:
-            out = self._search(moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode)
-            return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine)
+            out, candidates = self._search(
+                moving, fixed, moving_affine, fixed_affine, kind, tps_lambda, mode, padding_mode
+            )
+            out, views = self._refine(
+                out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine, candidates
+            )
+            return self._assess(out, moving, fixed, moving_affine, fixed_affine, refine, views, tps_lambda)
         if moving.shape[1:] == fixed.shape[1:]:  # one detector pass for both images
             _check_content(fixed, "fixed image")
             _check_content(moving, "moving image")
@@ -333,7 +383,8 @@ class KeyMorph(nn.Module):
         if moving_alt is not None:
             p_alt = self.detect(moving_alt, moving_affine, "moving_alt image")[0]
         out = KeyMorphOutput(warped, f2m, m2f, p_fix, p_mov, weights, kind, lam, p_alt)
-        return self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine)
+        out, views = self._refine(out, moving, fixed, moving_affine, fixed_affine, mode, padding_mode, refine)
+        return self._assess(out, moving, fixed, moving_affine, fixed_affine, refine, views, tps_lambda)
 
     def _refine(
         self,
@@ -345,25 +396,166 @@ class KeyMorph(nn.Module):
         mode: str,
         padding_mode: str,
         refine: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
-    ) -> KeyMorphOutput:
+        candidates: list[list[_Candidate]] | None = None,
+    ) -> tuple[KeyMorphOutput, list[dict[str, Any] | None]]:
         """Polish an affine result with :attr:`refiner` (inference only; rigid and spline results are kept), on the
-        ``refine`` images ``(moving, fixed, moving_affine, fixed_affine)`` if given, else on the network inputs."""
-        if self.refiner is None or self.training or out.transform_type != "affine":
-            return out
-        if torch.jit.is_tracing() or torch.jit.is_scripting():  # an optimisation loop is not part of an export
-            return out
+        ``refine`` images ``(moving, fixed, moving_affine, fixed_affine)`` if given, else on the network inputs.
+
+        With the orientation search's ``candidates`` (per item, best residual first), each candidate is refined on
+        the coarse levels and the best mutual information is finished on the finest level (see
+        ``search_candidates``). Returns the output and, per item, what the search decided (``None`` without a
+        search): the views checked, the one chosen, and whether the choice was ambiguous.
+        """
         b, device = moving.shape[0], moving.device
+        views: list[dict[str, Any] | None] = [None] * b
+        if candidates is not None:
+            views = [_views_record(c, [c[0].view]) for c in candidates]
+        if self.refiner is None or self.training or out.transform_type != "affine":
+            return out, views
+        if torch.jit.is_tracing() or torch.jit.is_scripting():  # an optimisation loop is not part of an export
+            return out, views
         a_m, a_f = batch_affine(moving_affine, b, device), batch_affine(fixed_affine, b, device)
         if refine is None:
-            f2m = self.refiner(moving, fixed, out.fixed_to_moving, a_m, a_f)
+            r_m, r_f, r_am, r_af = moving, fixed, a_m, a_f
         else:
             r_m, r_f, r_am, r_af = refine
+            r_m, r_f = as_tensor(r_m).float(), as_tensor(r_f).float()
             r_am, r_af = batch_affine(r_am, b, device), batch_affine(r_af, b, device)
-            f2m = self.refiner(as_tensor(r_m).float(), as_tensor(r_f).float(), out.fixed_to_moving, r_am, r_af)
+        polish = getattr(self.refiner, "polish", None)
+        if candidates is None or polish is None or len(getattr(self.refiner, "factors", ())) <= self.candidate_levels:
+            f2m = self.refiner(r_m, r_f, out.fixed_to_moving, r_am, r_af)
+        else:
+            rows = []
+            for i in range(b):
+                item = (r_m[i : i + 1], r_f[i : i + 1])
+                f2m_i, chosen, record = self._check_candidates(
+                    polish, candidates[i], out.keypoints_fixed[i : i + 1], *item, r_am[i : i + 1], r_af[i : i + 1]
+                )
+                rows.append(f2m_i)
+                views[i] = record
+                if chosen is not candidates[i][0]:
+                    out.keypoints_moving[i : i + 1] = chosen.keypoints_moving
+                    out.weights[i : i + 1] = chosen.weights
+            f2m = torch.cat(rows).to(out.fixed_to_moving.dtype)
         out.fixed_to_moving = f2m
         out.moving_to_fixed = torch.linalg.inv(f2m.double()).to(f2m.dtype)
         out.warped = resample(moving, f2m, fixed.shape[2:], a_f, a_m, mode=mode, padding_mode=padding_mode)
+        return out, views
+
+    def _check_candidates(
+        self,
+        polish: Any,
+        candidates: list[_Candidate],
+        keypoints_fixed: torch.Tensor,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        moving_affine: torch.Tensor,
+        fixed_affine: torch.Tensor,
+    ) -> tuple[torch.Tensor, _Candidate, dict[str, Any]]:
+        """Refine each candidate view of one item on the coarse levels, keep the best score, finish it on the other
+        levels. Returns the refined ``(1, 4, 4)`` matrix, the chosen candidate and the search record."""
+        t = self.quality_thresholds
+        sample = _foreground_points(fixed, fixed_affine)
+        coarse: list[tuple[float, torch.Tensor, _Candidate]] = []
+        starts: list[torch.Tensor] = []
+        for cand in candidates:
+            start, _ = self.fit(keypoints_fixed, cand.keypoints_moving, cand.weights, "affine")
+            moved = apply_affine(start.double(), sample)
+            if any((moved - other).norm(dim=-1).mean() < t.disagreement_mm for other in starts):
+                continue  # the same start as a better-ranked view: nothing new to check
+            starts.append(moved)
+            polished, score = polish(
+                moving, fixed, start, moving_affine, fixed_affine, levels=slice(0, self.candidate_levels)
+            )
+            coarse.append((float(score[0]), polished, cand))
+        order = sorted(range(len(coarse)), key=lambda k: coarse[k][0])
+        best_score, best, chosen = coarse[order[0]]
+        refined, _ = polish(
+            moving, fixed, best, moving_affine, fixed_affine, levels=slice(self.candidate_levels, None)
+        )
+        record = _views_record(candidates, [c.view for _, _, c in coarse], chosen.view)
+        record["scores"] = [round(score, 5) for score, _, _ in coarse]
+        if len(order) > 1:
+            for k in order[1:]:  # the best-scoring candidate that ended at another solution
+                score, other, cand = coarse[k]
+                distance = float((apply_affine(other, sample) - apply_affine(best, sample)).norm(dim=-1).mean())
+                if distance > t.disagreement_mm:
+                    margin = (score - best_score) / max(abs(best_score), 1e-12)
+                    record.update(runner_up=cand.view, distance_mm=distance, margin=margin)
+                    record["ambiguous"] = bool(margin < t.ambiguity_margin)
+                    break
+        return refined, chosen, record
+
+    def _assess(
+        self,
+        out: KeyMorphOutput,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        moving_affine: torch.Tensor | None,
+        fixed_affine: torch.Tensor | None,
+        refine: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None,
+        views: list[dict[str, Any] | None],
+        tps_lambda: float | None,
+    ) -> KeyMorphOutput:
+        """Attach the quality records and verdicts (see ``assess_quality``) to ``out``, at inference only."""
+        if not self.assess_quality or self.training or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return out
+        b, device = moving.shape[0], moving.device
+        if refine is None:
+            r_m, r_f, r_am, r_af = moving, fixed, moving_affine, fixed_affine
+        else:
+            r_m, r_f, r_am, r_af = refine
+        r_m, r_f = as_tensor(r_m).float(), as_tensor(r_f).float()
+        r_am, r_af = batch_affine(r_am, b, device), batch_affine(r_af, b, device)
+        try:
+            residual = keypoint_residual_mm(out.keypoints_fixed, out.keypoints_moving, out.weights)
+        except DegenerateKeypointsError:
+            residual = torch.full((b,), float("nan"), dtype=torch.float64)
+        records = assess_registration(r_m, r_f, out.fixed_to_moving, r_am, r_af, residual, out.weights)
+        if self.inverse_consistency:
+            backward = self._backward(moving, fixed, moving_affine, fixed_affine, refine, out, tps_lambda)
+            for i, record in enumerate(records):
+                sample = _foreground_points(r_f[i : i + 1], r_af[i : i + 1])
+                f2m = out.fixed_to_moving
+                item = f2m[i : i + 1] if isinstance(f2m, torch.Tensor) else f2m.select(i)
+                back = backward[i : i + 1] if isinstance(backward, torch.Tensor) else backward.select(i)
+                there_and_back = apply_transform(back, apply_transform(item, sample).to(torch.float64))
+                record["inverse_consistency_mm"] = float((there_and_back.double() - sample).norm(dim=-1).mean())
+        for record, view in zip(records, views):
+            if view is not None:
+                record["views"] = view
+            record["verdict"], record["reasons"] = verdict(record, self.quality_thresholds)
+            record["thresholds"] = thresholds_dict(self.quality_thresholds)
+        out.quality = records
         return out
+
+    def _backward(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        moving_affine: torch.Tensor | None,
+        fixed_affine: torch.Tensor | None,
+        refine: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None,
+        out: KeyMorphOutput,
+        tps_lambda: float | None,
+    ) -> torch.Tensor | ThinPlateSpline:
+        """The independent registration of the pair the other way round (fixed as moving): its ``fixed_to_moving``,
+        which maps points of the moving image to points of the fixed image."""
+        kwargs: dict[str, Any] = {}
+        if refine is not None:
+            kwargs = dict(
+                refine_moving=refine[1], refine_fixed=refine[0], refine_moving_affine=refine[3],
+                refine_fixed_affine=refine[2],
+            )  # fmt: skip
+        saved = self.assess_quality, self.inverse_consistency
+        self.assess_quality = self.inverse_consistency = False
+        try:
+            back = self.forward(
+                fixed, moving, fixed_affine, moving_affine, out.transform_type, tps_lambda, **kwargs
+            )
+        finally:
+            self.assess_quality, self.inverse_consistency = saved
+        return back.fixed_to_moving
 
     def _weights(self, m_fix: torch.Tensor, m_mov: torch.Tensor) -> torch.Tensor:
         if self.weighted:
@@ -407,14 +599,14 @@ class KeyMorph(nn.Module):
         tps_lambda: float | None,
         mode: str,
         padding_mode: str,
-    ) -> KeyMorphOutput:
+    ) -> tuple[KeyMorphOutput, list[list[_Candidate]]]:
         """Registration with orientation search (see ``orientation_search``), item by item.
 
         The views of the moving image go through the detector :attr:`search_batch` at a time. The views are ranked
         by :attr:`search_rank`: the residual of an affine fit to the keypoints (:func:`keypoint_residual_mm`), or
         :attr:`search_similarity` between the fixed image and the moving image sampled through each view's fit on
         :attr:`search_samples` voxels of the fixed foreground (a fixed random draw). Only the best view is fitted
-        with ``kind`` and warped.
+        with ``kind`` and warped. Also returns, per item, the best :attr:`search_candidates` views (best first).
         """
         _check_content(fixed, "fixed image")
         _check_content(moving, "moving image")
@@ -424,6 +616,7 @@ class KeyMorph(nn.Module):
         p_fix, m_fix = self.detect(fixed, a_f, "fixed image")
         lam = (self.tps_lambda if tps_lambda is None else float(tps_lambda)) if kind == "tps" else None
         results: list[KeyMorphOutput] = []
+        candidates: list[list[_Candidate]] = []
         for i in range(b):
             views = [rotate_volume(moving[i : i + 1], perm, signs) for perm, signs in cube_rotations()]
             detected: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(views)
@@ -440,8 +633,8 @@ class KeyMorph(nn.Module):
                         detected[v] = (points[k : k + 1], mass[k : k + 1])
             if self.search_rank == "similarity":
                 world, values = self._search_sample(fixed[i : i + 1], a_f[i : i + 1])
-            best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-            for p_mov, m_mov in detected:  # type: ignore[misc]
+            ranked: list[_Candidate] = []
+            for view, (p_mov, m_mov) in enumerate(detected):  # type: ignore[misc]
                 weights = self._weights(m_fix[i : i + 1], m_mov)
                 try:
                     if self.search_rank == "residual":
@@ -451,9 +644,8 @@ class KeyMorph(nn.Module):
                         score = self._similarity_score(f2m, world, values, moving[i : i + 1], a_m[i : i + 1])
                 except DegenerateKeypointsError:
                     continue  # this view found too few keypoints; others may not
-                if best is None or score < best[0]:
-                    best = (score, p_mov, weights)
-            if best is None:
+                ranked.append(_Candidate(score, p_mov, weights, view))
+            if not ranked:
                 n_fix = int((m_fix[i] > 0).sum())
                 n_mov = max(int((m > 0).sum()) for _, m in detected)  # type: ignore[misc]
                 raise DegenerateKeypointsError(
@@ -461,14 +653,16 @@ class KeyMorph(nn.Module):
                     f"{n_fix} of {m_fix.shape[1]} in the fixed image, at most {n_mov} in a view of the moving image "
                     "(too few, or all in a plane)."
                 )
-            _, p_mov, weights = best
+            ranked.sort(key=lambda c: c.residual)
+            candidates.append(ranked[: self.search_candidates])
+            p_mov, weights = ranked[0].keypoints_moving, ranked[0].weights
             f2m, m2f = self.fit(p_fix[i : i + 1], p_mov, weights, kind, tps_lambda)
             warped = resample(
                 moving[i : i + 1], f2m, fixed.shape[2:], a_f[i : i + 1], a_m[i : i + 1], mode, padding_mode
             )
             results.append(KeyMorphOutput(warped, f2m, m2f, p_fix[i : i + 1], p_mov, weights, kind, lam))
         if len(results) == 1:
-            return results[0]
+            return results[0], candidates
 
         def cat(values: list) -> torch.Tensor | ThinPlateSpline:
             return ThinPlateSpline.cat(values) if isinstance(values[0], ThinPlateSpline) else torch.cat(values)
@@ -482,4 +676,28 @@ class KeyMorph(nn.Module):
             torch.cat([r.weights for r in results]),
             kind,
             lam,
-        )
+        ), candidates
+
+
+def _views_record(candidates: list[_Candidate], checked: list[int], chosen: int | None = None) -> dict[str, Any]:
+    """What the orientation search decided for one item: the views checked (indices into
+    :func:`~custom_nets.search.cube_rotations`), their keypoint residuals (mm), the view chosen and its rank by
+    residual."""
+    chosen = candidates[0].view if chosen is None else chosen
+    return {
+        "checked": checked,
+        "residuals_mm": [round(c.residual, 4) for c in candidates if c.view in checked],
+        "chosen": chosen,
+        "residual_rank": 1 + next(k for k, c in enumerate(candidates) if c.view == chosen),
+        "ambiguous": False,
+    }
+
+
+def _foreground_points(image: torch.Tensor, affine: torch.Tensor, count: int = 20000) -> torch.Tensor:
+    """World points ``(1, N, 3)`` (float64) of up to ``count`` voxels of the foreground (``> 0``) of ``image``
+    ``(1, C, ...)`` with voxel-to-world ``affine`` ``(1, 4, 4)``, evenly strided (deterministic)."""
+    idx = torch.nonzero(image[0, 0] > 0)
+    if idx.shape[0] == 0:
+        idx = torch.nonzero(torch.ones_like(image[0, 0], dtype=torch.bool))
+    idx = idx[:: max(1, idx.shape[0] // count)]
+    return voxel_to_world(idx.to(torch.float64)[None], affine.to(torch.float64))

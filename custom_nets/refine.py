@@ -111,10 +111,34 @@ class AffineRefiner(nn.Module):
             ``(B, 4, 4)`` refined ``fixed_to_moving`` in the dtype of the start (optimised in float64); an item whose
             result fails the checks of the class keeps its start.
         """
+        return self.polish(moving, fixed, fixed_to_moving, moving_affine, fixed_affine)[0]
+
+    def polish(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        fixed_to_moving: torch.Tensor,
+        moving_affine: torch.Tensor | None = None,
+        fixed_affine: torch.Tensor | None = None,
+        levels: slice | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on the levels ``levels`` of :attr:`factors` only (default all), also returning the score.
+
+        Running the coarse levels on several starting transforms, comparing their scores and finishing the best one on
+        the remaining levels is the orientation search's candidate check (:class:`~custom_nets.keymorph.KeyMorph`).
+
+        Returns:
+            ``(refined (B, 4, 4), score (B,))``: the score is the loss (negative mutual information, lower is better)
+            of the result on the last level's sample, which is the same for every start on the same images and
+            levels, so scores of different starts are comparable.
+        """
         if moving.ndim != 5 or fixed.ndim != 5 or moving.shape[0] != fixed.shape[0]:
             raise ValueError(
                 f"expected moving and fixed of shape (B, 1, I, J, K), got {tuple(moving.shape)}, {tuple(fixed.shape)}."
             )
+        chosen = list(range(len(self.factors)))[levels if levels is not None else slice(None)]
+        if not chosen:
+            raise ValueError(f"levels {levels} selects none of the {len(self.factors)} refinement levels.")
         b, device = fixed.shape[0], fixed.device
         a_m = batch_affine(moving_affine, b, device)
         a_f = batch_affine(fixed_affine, b, device)
@@ -131,27 +155,30 @@ class AffineRefiner(nn.Module):
             m[:, :3, 3] = centre - (a @ centre.unsqueeze(-1)).squeeze(-1) + self.scale * shift
             return start @ m
 
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
         with torch.enable_grad():
-            for factor, steps in zip(self.factors, self.iterations):
+            for level in chosen:
+                factor, steps = self.factors[level], self.iterations[level]
                 mov, a_mov = _downsample(moving.float(), a_m, factor)
                 fix, a_fix = _downsample(fixed.float(), a_f, factor)
+                # each level draws its own sample from its own seed, so running a subset of the levels (polish's
+                # levels) samples exactly as the full run does
+                gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 * level)
                 vox, fix_values, inside = self._sample(fix, a_fix, gen)
                 world = apply_affine(a_fix, vox)  # (B, N, 3) fixed world points of the sample
                 self._optimise([lin, shift], current, world, mov, a_mov, fix_values, steps)
         refined = current().detach()
         finite = torch.isfinite(refined).flatten(1).all(dim=1)
         refined = torch.where(finite[:, None, None], refined, start)
-        # the finest level's sample checks the result: size of the update, and no loss of similarity
+        # the last level's sample checks the result: size of the update, and no loss of similarity
         moved = (apply_affine(refined, world) - apply_affine(start, world)).norm(dim=-1).masked_fill(~inside, 0.0)
         too_far = moved.sum(dim=-1) > self.max_update * inside.sum(dim=-1).clamp(min=1)
         with torch.no_grad():
-            worse = self._similarity(refined, world, mov, a_mov, fix_values) > self._similarity(
-                start, world, mov, a_mov, fix_values
-            )
-        keep = ~finite | too_far | worse
+            score = self._similarity(refined, world, mov, a_mov, fix_values)
+            start_score = self._similarity(start, world, mov, a_mov, fix_values)
+        keep = ~finite | too_far | (score > start_score)
         refined[keep] = start[keep]
-        return refined.to(fixed_to_moving.dtype)
+        score = torch.where(keep, start_score, score)
+        return refined.to(fixed_to_moving.dtype), score.detach()
 
     def _similarity(
         self,

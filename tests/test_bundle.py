@@ -279,6 +279,60 @@ def test_inference_on_the_demo_pair_list(trained, demo, work):
     assert re.search(r"\d of 5 pairs registered within 2 mm", res.stdout)
 
 
+def _one_pair(demo: Path) -> list[str]:
+    return ["--moving", str(demo / "sub-01_T2.nii.gz"), "--fixed", str(demo / "sub-02_T1.nii.gz")]
+
+
+@pytest.mark.parametrize("typed", ["false", "0", "no"])
+def test_boolean_options_mean_what_people_type(trained, demo, work, typed):
+    """``--refine false`` (lower case, as people type it) turns refinement off: the search then keeps the residual's
+    view only (one view, no candidate check, which refinement runs); ``--write_png`` likewise."""
+    out = work / f"bool_{typed}"
+    _infer(trained, out, *_one_pair(demo), "--refine", typed, "--write_png", typed)
+    record = json.loads((out / "sub-01_T2.json").read_text())
+    views = record["quality"]["views"]
+    assert len(views["checked"]) == 1 and "scores" not in views
+    assert not (out / "sub-01_T2.png").exists()
+
+
+def test_a_value_that_is_not_a_boolean_is_refused_by_name(trained, demo, work):
+    res = bundle_cli(
+        "run", "inference", "--config_file", "configs/inference.json", "--ckpt_path", str(trained / "model.pt"),
+        "--output_dir", str(work / "bool_bad"), *_one_pair(demo), "--refine", "maybe", *TINY, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "option refine: expected a boolean" in res.stdout + res.stderr
+
+
+def test_every_result_carries_a_verdict_and_fail_on_suspect_writes_only_the_failure(trained, demo, work):
+    strict = ["--quality_thresholds", "{'min_nmi': 1.999}"]  # no registration reaches it: every pair is suspect
+    out = work / "suspect"
+    res = _infer(trained, out, *_one_pair(demo), *strict, "--write_png", "True")
+    record = json.loads((out / "sub-01_T2.json").read_text())
+    quality = record["quality"]
+    assert quality["verdict"] == "suspect" and any("nmi" in r for r in quality["reasons"])
+    assert 1.0 <= quality["nmi"] <= 2.0 and 0.0 <= quality["lncc"] <= 1.0 and quality["thresholds"]["min_nmi"] == 1.999
+    assert len(quality["views"]["scores"]) >= 1  # refinement on (the default): the candidate views were checked
+    assert "SUSPECT" in res.stdout + res.stderr
+    rows = (out / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert rows[1].split(",")[header.index("verdict")] == "suspect"
+    default = work / "not_suspect_by_default"
+    _infer(trained, default, *_one_pair(demo), "--write_png", "False")
+    assert json.loads((default / "sub-01_T2.json").read_text())["quality"]["thresholds"]["min_nmi"] < 1.999
+
+    failed = work / "fail_on_suspect"
+    res = bundle_cli(
+        "run", "inference", "--config_file", "configs/inference.json", "--ckpt_path", str(trained / "model.pt"),
+        "--output_dir", str(failed), *_one_pair(demo), *strict, "--fail_on_suspect", "true", *TINY, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0
+    failures = json.loads((failed / "failures.json").read_text())
+    assert len(failures) == 1 and failures[0]["stage"] == "quality"
+    assert failures[0]["quality"]["verdict"] == "suspect" and "nmi" in failures[0]["error"]
+    assert sorted(p.name for p in failed.iterdir()) == ["failures.json", "results.csv"]  # nothing else written
+
+
 def test_bundle_tooling(trained, demo, work):
     from monai.bundle import ConfigWorkflow
 

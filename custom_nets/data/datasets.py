@@ -356,11 +356,14 @@ def inference_pairs(
     datalist: str | Path | None = None,
     moving_label: str | None = None,
     key: str = "test_pairs",
+    moving_mask: str | None = None,
+    fixed_mask: str | None = None,
 ) -> list[dict[str, Any]]:
     """The pairs to register: one ``moving`` / ``fixed`` pair given on the command line, else a pair list JSON.
 
-    Returns items with ``moving_image``, ``fixed_image`` (paths) and, when known, ``moving_label``. Files of a pair
-    list need not exist: a missing one is reported as that pair's failure when it is loaded (see
+    Returns items with ``moving_image``, ``fixed_image`` (paths) and, when known, ``moving_label`` and brain masks
+    ``moving_mask`` / ``fixed_mask`` (given on the command line with the pair, or per pair in the list). Files of a
+    pair list need not exist: a missing one is reported as that pair's failure when it is loaded (see
     :class:`FailSafeDataset`), so the other pairs are still registered.
 
     Raises:
@@ -371,8 +374,9 @@ def inference_pairs(
         if moving is None or fixed is None:
             raise ValueError(f"give both --moving and --fixed (got moving={moving!r}, fixed={fixed!r}).")
         item = {"moving_image": str(moving), "fixed_image": str(fixed)}
-        if moving_label:
-            item["moving_label"] = str(moving_label)
+        for k, v in (("moving_label", moving_label), ("moving_mask", moving_mask), ("fixed_mask", fixed_mask)):
+            if v:
+                item[k] = str(v)
         for k, v in item.items():
             if not Path(v).is_file():
                 raise FileNotFoundError(f"{v}: no such file (--{k.replace('_image', '')}).")
@@ -380,7 +384,9 @@ def inference_pairs(
     if datalist is None:
         raise ValueError("nothing to register: give --moving and --fixed, or --datalist with a list of pairs.")
     pairs = load_pair_list(datalist, key, must_exist=False)  # a missing file fails its pair, not the whole run
-    keep = ("moving_image", "fixed_image", "moving_label")
+    if moving_mask or fixed_mask:
+        raise ValueError("--moving_mask / --fixed_mask go with --moving / --fixed; give a pair list's masks per pair.")
+    keep = ("moving_image", "fixed_image", "moving_label", "moving_mask", "fixed_mask")
     return [{k: p[k] for k in keep if p.get(k)} for p in pairs]
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "CheckWorldOverlapd",
     "AbovePercentile",
     "IsotropicSpacingd",
+    "BrainMaskd",
+    "brainmask_key",
     "world_bounding_box",
     "preprocessing_transforms",
     "refine_key",
@@ -248,6 +250,105 @@ class LoadVolumed(MapTransform):
 
 
 _NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")
+
+
+def brainmask_key(image_key: str) -> str:
+    """Key of the brain mask :class:`BrainMaskd` stores for ``<side>_image``: ``<side>_brainmask`` (not a key that
+    starts with ``<side>_image_``, which MONAI 1.6 would take for the image's metadata)."""
+    return image_key.replace("_image", "") + "_brainmask"
+
+
+def user_mask_key(image_key: str) -> str:
+    """Key of a brain mask the user gives for ``<side>_image`` (a file path): ``<side>_mask``."""
+    return image_key.replace("_image", "") + "_mask"
+
+
+class BrainMaskd(MapTransform):
+    """Keep the brain only: multiply each (loaded) image by its brain mask, and store the mask.
+
+    The mask is the user's, when the item has one under ``<side>_mask`` (a file path: any grid; it is resampled onto
+    the image's grid through world coordinates, nearest neighbour, voxels ``> 0`` count), else the ``extractor``'s
+    (:func:`~custom_nets.brainmask.extract_brain_mask`: raw heads, any contrast), else the image is left as it is.
+    Raw heads (skull, scalp, face, neck, background) then look like the skull-stripped brains the detector was trained
+    on, and the refinement and the quality measures see the brain only. The extractor's mask is dilated by
+    ``margin_mm`` first, so that a mask a little too tight does not cut cortex, and an image that is already
+    skull-stripped comes out unchanged (its brain lies inside the dilated mask). The mask is stored as a ``uint8``
+    ``MetaTensor`` ``(1, I, J, K)`` on the image's grid under ``<side>_brainmask`` (:func:`brainmask_key`), for the
+    outputs.
+
+    Args:
+        keys: image keys (``fixed_image``, ``moving_image``).
+        extractor: a brain-extraction network, or ``None`` (only user masks are applied).
+        margin_mm: dilation of the extractor's mask (mm; user masks are used as they are).
+        allow_missing_keys: skip absent keys.
+
+    Raises:
+        ValueError: a mask file that cannot be read, or a mask with no brain voxel on the image (naming the file).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        extractor: torch.nn.Module | None = None,
+        margin_mm: float = 3.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.extractor, self.margin_mm = extractor, float(margin_mm)
+        self._loader = LoadVolumed(["mask"], reject_constant=False)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from ..brainmask import extract_brain_mask
+        from ..geometry import resample
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            affine = torch.as_tensor(img.affine, dtype=torch.float64)
+            given = d.get(user_mask_key(str(key)))
+            name = str(img.meta.get("filename_or_obj", key)) if isinstance(img, MetaTensor) else str(key)
+            if given:
+                loaded = self._loader({"mask": given})["mask"]
+                mask = resample(
+                    (loaded.as_tensor() > 0).float()[None],
+                    torch.eye(4, dtype=torch.float64),
+                    img.shape[1:],
+                    affine,
+                    torch.as_tensor(loaded.affine, dtype=torch.float64),
+                    mode="nearest",
+                )[0]
+                source = str(given)
+            elif self.extractor is not None:
+                with torch.no_grad():
+                    mask = _dilate(extract_brain_mask(self.extractor, img.as_tensor().float(), affine), affine,
+                                   self.margin_mm)  # fmt: skip
+                source = "the brain extractor"
+            else:
+                continue
+            if not bool(mask.any()):
+                raise ValueError(
+                    f"{name}: the brain mask from {source} holds no voxel of the image; expected a mask of the brain "
+                    "on the same subject and field of view."
+                )
+            masked = img * mask.to(img.dtype)
+            d[key] = masked
+            d[brainmask_key(str(key))] = MetaTensor(mask.to(torch.uint8), affine=img.affine.clone())
+        return d
+
+
+def _dilate(mask: torch.Tensor, affine: torch.Tensor, margin_mm: float) -> torch.Tensor:
+    """Dilate a ``(1, I, J, K)`` mask by about ``margin_mm`` along each voxel axis (a box of each axis's spacing)."""
+    spacing = affine[:3, :3].norm(dim=0).tolist()
+    radius = [max(0, round(margin_mm / max(s, 1e-6))) for s in spacing]
+    if not any(radius):
+        return mask
+    out = mask[None].float()
+    for axis, r in enumerate(radius):  # a box is separable: one axis at a time
+        if r:
+            kernel, pad = [1, 1, 1], [0, 0, 0]
+            kernel[axis], pad[axis] = 2 * r + 1, r
+            out = torch.nn.functional.max_pool3d(out, kernel, stride=1, padding=pad)
+    return out[0]
 
 
 def nibabel_reads(path: str | Path) -> bool:
@@ -478,6 +579,8 @@ def preprocessing_transforms(
     source_keys: Mapping[str, str] | None = None,
     on_disjoint: str = "warn",
     refine_pixdim: float | None = None,
+    brain_extractor: torch.nn.Module | None = None,
+    brain_margin_mm: float = 3.0,
 ) -> list[Transform]:
     """The preprocessing that brings any NIfTI to the network's input, keeping each image's world affine.
 
@@ -506,6 +609,10 @@ def preprocessing_transforms(
             ``refine_<side>`` at ``refine_pixdim`` mm voxels (no copy of the full-resolution input), cropped to its
             foreground and scaled like the network input, but not padded to the cube: the finer images an
             intensity-based refinement polishes on.
+        brain_extractor: a brain-extraction network: after the RAS step, each image is multiplied by its brain mask
+            (:class:`BrainMaskd`), the user's ``<side>_mask`` file where the item has one. Without it, only user masks
+            are applied.
+        brain_margin_mm: dilation of the extractor's masks (mm).
 
     Note:
         MONAI 1.6 treats every key that starts with ``<image key>_`` as that image's metadata dictionary, so image
@@ -529,6 +636,7 @@ def preprocessing_transforms(
         out.append(CheckLabelGridd(label_keys, sources))
     out += [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
+        BrainMaskd(image_keys, brain_extractor, brain_margin_mm, allow_missing_keys=True),
         IsotropicSpacingd(keys, pixdim=pixdim, mode=modes, allow_missing_keys=True),
     ]
     for key in image_keys:
@@ -553,7 +661,7 @@ def preprocessing_transforms(
                 refine_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
             )
         )
-        at = next(i for i, t in enumerate(out) if isinstance(t, Orientationd)) + 1
+        at = next(i for i, t in enumerate(out) if isinstance(t, BrainMaskd)) + 1  # the masked RAS images
         out = out[:at] + steps + out[at:]
     return out
 

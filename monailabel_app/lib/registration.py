@@ -26,6 +26,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from custom_nets.options import parse_bool  # re-exported: the app's options read as the bundle's do
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -44,18 +46,6 @@ __all__ = [
 
 #: Name of the default atlas (MNI ICBM152 2009a from the nilearn wheel, tissue labels from its probability maps).
 MNI_ATLAS_NAME = "mni152_2009a_tissue"
-
-
-def parse_bool(value: Any, name: str) -> bool:
-    """``True`` / ``False`` from a bool, 0 / 1 or the strings ``true`` / ``false`` / ``yes`` / ``no`` / ``1`` / ``0``
-    (MONAI Label passes ``--conf`` values and many request parameters as strings)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    raise ValueError(f"{name}: expected a boolean (true / false), got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""How sure a registration is: the quality measures, the verdict, the orientation search's candidate check, and the
+boolean options as people type them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import BUNDLE
+from monai.bundle import ConfigParser
+
+import custom_nets.keymorph as keymorph_module
+from custom_nets import QualityThresholds, parse_bool
+from custom_nets.data import BrainSynthesizer, random_affine_matrix, rotation_matrix, subject_seed
+from custom_nets.data.template import BRAIN_CENTRE_MNI
+from custom_nets.engines import transform_error_mm
+from custom_nets.quality import (
+    assess_registration,
+    effective_keypoints,
+    foreground_dice,
+    local_ncc,
+    normalized_mutual_information,
+    verdict,
+)
+from custom_nets.search import cube_rotations
+
+
+# ------------------------------------------------------------------------------------------------------ the measures
+def test_nmi_is_two_for_a_deterministic_relation_and_one_for_independent_samples():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 50000, generator=gen)
+    # a non-monotone one-to-one remapping of the 32 intensity bins (a "contrast" change): still fully determined
+    perm = torch.randperm(32, generator=gen)
+    remapped = perm[(x * 31).round().long()].float() / 31
+    assert normalized_mutual_information(x, x)[0] == pytest.approx(2.0, abs=1e-9)
+    assert normalized_mutual_information(x, remapped)[0] == pytest.approx(2.0, abs=1e-9)
+    folded = (torch.sin(7 * x) + 1) / 2  # many-to-one: x determines it, not the other way round
+    assert 1.3 < normalized_mutual_information(x, folded)[0] < 1.9
+    independent = torch.rand(1, 50000, generator=gen)
+    assert normalized_mutual_information(x, independent)[0] < 1.02
+    with pytest.raises(ValueError, match=r"\(B, N\)"):
+        normalized_mutual_information(x, x[:, :10])
+
+
+def test_local_ncc_is_contrast_sign_blind_and_low_for_noise():
+    gen = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 24, 24, generator=gen), 3, 1, 1)
+    mask = torch.zeros_like(img, dtype=torch.bool)
+    mask[..., 3:-3, 3:-3, 3:-3] = True  # windows off the zero-padded border
+    assert local_ncc(img, img, mask)[0] > 0.99
+    assert local_ncc(1 - img, img, mask)[0] > 0.99  # inverted contrast: the same structure
+    noise = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 24, 24, generator=gen), 3, 1, 1)
+    assert local_ncc(noise, img, mask)[0] < 0.2
+
+
+def test_foreground_dice_and_effective_keypoints():
+    a = torch.zeros(1, 1, 10, 10, 10)
+    a[..., 2:6, :, :] = 1
+    b = torch.zeros_like(a)
+    b[..., 4:8, :, :] = 1
+    assert foreground_dice(a, a)[0] == pytest.approx(1.0)
+    assert foreground_dice(a, b)[0] == pytest.approx(0.5)
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert effective_keypoints(w).tolist() == pytest.approx([4.0, 1.0, 0.0])
+
+
+def test_verdict_names_each_reason_and_thresholds_come_from_config():
+    good = {"nmi": 1.2, "lncc": 0.5, "foreground_overlap": 0.95, "keypoint_residual_mm": 1.0, "keypoints_used": 20.0}
+    assert verdict(good) == ("ok", [])
+    cases = {
+        "nmi": 1.0,
+        "lncc": 0.01,
+        "foreground_overlap": 0.5,
+        "keypoint_residual_mm": 40.0,
+        "keypoints_used": 2.0,
+        "inverse_consistency_mm": 9.0,
+    }
+    for key, bad in cases.items():
+        state, reasons = verdict({**good, key: bad})
+        assert state == "suspect" and len(reasons) == 1 and key in reasons[0], (key, reasons)
+    assert verdict({**good, "nmi": float("nan")})[0] == "suspect"
+    ambiguous = {"ambiguous": True, "runner_up": 5, "distance_mm": 60.0, "margin": 0.01}
+    state, reasons = verdict({**good, "views": ambiguous})
+    assert state == "suspect" and "candidate views disagree" in reasons[0]
+    strict = QualityThresholds.from_mapping({"min_nmi": 1.5})
+    assert verdict(good, strict)[0] == "suspect" and verdict(good)[0] == "ok"
+    with pytest.raises(ValueError, match="min_nmi_typo"):
+        QualityThresholds.from_mapping({"min_nmi_typo": 1.0})
+
+
+# ------------------------------------------------------------------ the measures on a real registration problem
+@pytest.fixture(scope="module")
+def cross_pair():
+    """A T1 fixed and a T2 moving image of one synthetic anatomy at 3.2 mm, the moving one posed by 100 degrees."""
+    synth = BrainSynthesizer(spatial_size=80, pixdim=3.2)
+    rng = np.random.default_rng(3)
+    truth = random_affine_matrix(rng, 0, 0.1, 0.0, 10.0, rotation_angle_deg=100.0, centre=BRAIN_CENTRE_MNI)
+    seed = subject_seed("test", 7)
+    probs = synth.subject(seed)
+    fixed = synth.image(probs, "t1", 1)[None]
+    moving = synth.image(synth.subject(seed, pose=truth), "t2", 2)[None]
+    return fixed, moving, torch.as_tensor(truth)[None], torch.as_tensor(synth.affine)[None], synth.labels(probs)[None]
+
+
+def _about_centre(rot: np.ndarray) -> torch.Tensor:
+    c = np.asarray(BRAIN_CENTRE_MNI)
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = rot, c - rot @ c
+    return torch.as_tensor(m)[None]
+
+
+def test_a_wrong_matrix_is_suspect_and_the_truth_is_not(cross_pair):
+    fixed, moving, truth, a, _ = cross_pair
+    weights = torch.ones(1, 32)
+    residual = torch.tensor([1.0])
+
+    def judged(matrix):
+        q = assess_registration(moving, fixed, matrix, a, a, residual, weights)[0]
+        return q, verdict(q)
+
+    q_true, v_true = judged(truth)
+    assert v_true == ("ok", []), q_true
+    for axis in np.eye(3):  # the wrong views a search can end in: half and quarter turns about the brain centre
+        for angle in (90.0, 180.0):
+            q_wrong, (state, reasons) = judged(truth @ _about_centre(rotation_matrix(axis, angle)))
+            assert state == "suspect" and reasons, q_wrong
+            assert q_wrong["nmi"] < q_true["nmi"]
+    q_off, _ = judged(truth @ _about_centre(rotation_matrix([1.0, 0.3, 0.2], 6.0)))  # a few mm off
+    assert q_true["nmi"] > q_off["nmi"] and q_true["lncc"] > q_off["lncc"]
+
+
+# ------------------------------------------------------------------------- the orientation search's candidate check
+@pytest.fixture(scope="module")
+def shipped():
+    """The bundle's inference network with the shipped weights, its preprocessing and its prepare_batch."""
+    from custom_nets.handlers import VerifiedCheckpointLoader
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    parser["device"] = "$torch.device('cpu')"
+    network = parser.get_parsed_content("network").eval()
+    VerifiedCheckpointLoader(
+        str(BUNDLE / "models" / "model.pt"), {"model": network}, large_files=str(BUNDLE / "large_files.yml")
+    ).load()
+    return network, parser.get_parsed_content("preprocessing"), parser.get_parsed_content("prepare_batch")
+
+
+def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, tmp_path, monkeypatch):
+    """The residual ranking is made to put a wrong view first (as it did on a real pair at 90 degrees); refining the
+    best candidates and keeping the best similarity registers the pair anyway, and the record says so."""
+    from monai.data import list_data_collate
+
+    from custom_nets.data import save_nifti
+
+    network, preprocessing, prepare = shipped
+    synth = BrainSynthesizer(spatial_size=64, pixdim=4.0)
+    rng = np.random.default_rng(11)
+    truth = random_affine_matrix(rng, 0, 0.05, 0.0, 8.0, rotation_angle_deg=90.0, centre=BRAIN_CENTRE_MNI)
+    seed = subject_seed("test", 21)
+    probs = synth.subject(seed)
+    paths = {
+        "fixed_image": save_nifti(synth.image(probs, "t1", 1)[0].numpy(), synth.affine, tmp_path / "f.nii.gz"),
+        "moving_image": save_nifti(
+            synth.image(synth.subject(seed, pose=truth), "t1", 2)[0].numpy(), synth.affine, tmp_path / "m.nii.gz"
+        ),
+    }
+    batch = list_data_collate([preprocessing({k: str(v) for k, v in paths.items()})])
+    moving, _, args, kwargs = prepare(batch, torch.device("cpu"))
+    mask = synth.labels(probs)[None]
+    a = torch.as_tensor(synth.affine)[None]
+
+    def error(out):
+        return float(transform_error_mm(out.fixed_to_moving, torch.as_tensor(truth)[None], mask, a))
+
+    with torch.no_grad():
+        honest = network(moving, *args, **kwargs)
+    right_view = honest.quality[0]["views"]["chosen"]
+    assert error(honest) < 2.0
+
+    real_residual = keymorph_module.keypoint_residual_mm
+    calls = {"n": 0}
+
+    perm, signs = cube_rotations()[right_view]
+    wrong = cube_rotations().index((perm, (-signs[0], -signs[1], signs[2])))  # the right view turned by 180 degrees
+
+    def rigged(p_fix, p_mov, w):  # the search scores views 0..23 in order: make the wrong one look best
+        view, calls["n"] = calls["n"] % 24, calls["n"] + 1
+        r = real_residual(p_fix, p_mov, w)
+        return r * 0.0 if view == wrong else r + (0.5 if view == right_view else 5.0)
+
+    monkeypatch.setattr(keymorph_module, "keypoint_residual_mm", rigged)
+    with torch.no_grad():
+        monkeypatch.setattr(network, "search_candidates", 1)
+        calls["n"] = 0
+        fooled = network(moving, *args, **kwargs)
+        monkeypatch.setattr(network, "search_candidates", 3)
+        calls["n"] = 0
+        checked = network(moving, *args, **kwargs)
+    assert error(fooled) > 10.0  # the residual alone keeps the wrong view
+    assert error(checked) < 2.0, checked.quality
+    views = checked.quality[0]["views"]
+    assert views["chosen"] == right_view and views["residual_rank"] == 2 and len(views["checked"]) == 3
+
+
+# ------------------------------------------------------------------------------------------------------- booleans
+@pytest.mark.parametrize("typed", [True, 1, "true", "True", " YES ", "on", "1", "y"])
+def test_parse_bool_true(typed):
+    assert parse_bool(typed, "refine") is True
+
+
+@pytest.mark.parametrize("typed", [False, 0, "false", "FALSE", "no", "off", "0", "n", np.bool_(False)])
+def test_parse_bool_false(typed):
+    assert parse_bool(typed, "refine") is False
+
+
+@pytest.mark.parametrize("typed", ["maybe", 2, None, "", [True]])
+def test_parse_bool_refuses_what_is_not_a_boolean(typed):
+    with pytest.raises(ValueError, match="option refine: expected a boolean"):
+        parse_bool(typed, "refine")
