@@ -23,7 +23,8 @@ define check_free_disk
 		exit 1; fi
 endef
 
-.PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory
+.PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory \
+	bench-stress bench-stress-quick bench-brainmask calibrate-quality
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(call check_free_disk,$(VENV_GB),$(VENV))
@@ -75,6 +76,24 @@ bench-weights: install
 # Peak resident memory of the bundle's inference on a 1 mm 256^3 pair, and over 50 consecutive pairs (prints figures).
 bench-memory: install
 	$(PY) benchmarks/bench_memory.py --pairs 50
+
+# Pairs that look like real life (independent bias / noise / blur / gamma, T2 / PD / FLAIR-like and remapped
+# contrasts, thick slices, cut fields of view, inter-subject, raw heads with brain-only twins): success, median, p95,
+# gross failures and how the verdict sorts them, with ANTs on every 10th pair; bench_stress_out/table.md.
+bench-stress: install
+	$(PY) benchmarks/bench_stress.py main --mode full --out_dir bench_stress_out --methods keymorph_refine,keymorph,ants
+
+bench-stress-quick: install
+	$(PY) benchmarks/bench_stress.py main --mode quick --out_dir bench_stress_quick
+
+# The quality verdict's measures on held-out pairs: the bundle's results and transforms of known error
+# (calibration_out/samples.csv, summary.json); the thresholds in custom_nets/quality.py come from it.
+calibrate-quality: install
+	$(PY) benchmarks/calibrate_quality.py main --pairs 40 --out_dir calibration_out
+
+# The brain extractor on 30 held-out synthetic heads (Dice by contrast, raw / brain-only / cut field of view, time).
+bench-brainmask: install
+	$(PY) benchmarks/bench_brainmask.py --num 30 --out_dir bench_brainmask_out
 
 # Refresh bundle/large_files.yml (SHA-256 of bundle/models/model.pt) and pack dist/<bundle>_v<version>.zip.
 release: install

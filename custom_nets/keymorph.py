@@ -415,12 +415,7 @@ class KeyMorph(nn.Module):
         if torch.jit.is_tracing() or torch.jit.is_scripting():  # an optimisation loop is not part of an export
             return out, views
         a_m, a_f = batch_affine(moving_affine, b, device), batch_affine(fixed_affine, b, device)
-        if refine is None:
-            r_m, r_f, r_am, r_af = moving, fixed, a_m, a_f
-        else:
-            r_m, r_f, r_am, r_af = refine
-            r_m, r_f = as_tensor(r_m).float(), as_tensor(r_f).float()
-            r_am, r_af = batch_affine(r_am, b, device), batch_affine(r_af, b, device)
+        r_m, r_f, r_am, r_af = _refine_images(moving, fixed, moving_affine, fixed_affine, refine)
         polish = getattr(self.refiner, "polish", None)
         if candidates is None or polish is None or len(getattr(self.refiner, "factors", ())) <= self.candidate_levels:
             f2m = self.refiner(r_m, r_f, out.fixed_to_moving, r_am, r_af)
@@ -470,11 +465,12 @@ class KeyMorph(nn.Module):
             coarse.append((float(score[0]), polished, cand))
         order = sorted(range(len(coarse)), key=lambda k: coarse[k][0])
         best_score, best, chosen = coarse[order[0]]
-        refined, _ = polish(
-            moving, fixed, best, moving_affine, fixed_affine, levels=slice(self.candidate_levels, None)
-        )
+        refined, _ = polish(moving, fixed, best, moving_affine, fixed_affine, levels=slice(self.candidate_levels, None))
         record = _views_record(candidates, [c.view for _, _, c in coarse], chosen.view)
         record["scores"] = [round(score, 5) for score, _, _ in coarse]
+        start, _ = self.fit(keypoints_fixed, chosen.keypoints_moving, chosen.weights, "affine")
+        moved = (apply_affine(refined.double(), sample) - apply_affine(start.double(), sample)).norm(dim=-1).mean()
+        record["refinement_mm"] = float(moved)  # how far refinement moved the keypoint fit (mean, fixed foreground)
         if len(order) > 1:
             for k in order[1:]:  # the best-scoring candidate that ended at another solution
                 score, other, cand = coarse[k]
@@ -500,13 +496,8 @@ class KeyMorph(nn.Module):
         """Attach the quality records and verdicts (see ``assess_quality``) to ``out``, at inference only."""
         if not self.assess_quality or self.training or torch.jit.is_tracing() or torch.jit.is_scripting():
             return out
-        b, device = moving.shape[0], moving.device
-        if refine is None:
-            r_m, r_f, r_am, r_af = moving, fixed, moving_affine, fixed_affine
-        else:
-            r_m, r_f, r_am, r_af = refine
-        r_m, r_f = as_tensor(r_m).float(), as_tensor(r_f).float()
-        r_am, r_af = batch_affine(r_am, b, device), batch_affine(r_af, b, device)
+        b = moving.shape[0]
+        r_m, r_f, r_am, r_af = _refine_images(moving, fixed, moving_affine, fixed_affine, refine)
         try:
             residual = keypoint_residual_mm(out.keypoints_fixed, out.keypoints_moving, out.weights)
         except DegenerateKeypointsError:
@@ -550,9 +541,7 @@ class KeyMorph(nn.Module):
         saved = self.assess_quality, self.inverse_consistency
         self.assess_quality = self.inverse_consistency = False
         try:
-            back = self.forward(
-                fixed, moving, fixed_affine, moving_affine, out.transform_type, tps_lambda, **kwargs
-            )
+            back = self.forward(fixed, moving, fixed_affine, moving_affine, out.transform_type, tps_lambda, **kwargs)
         finally:
             self.assess_quality, self.inverse_consistency = saved
         return back.fixed_to_moving
@@ -677,6 +666,25 @@ class KeyMorph(nn.Module):
             kind,
             lam,
         ), candidates
+
+
+def _refine_images(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    moving_affine: torch.Tensor | None,
+    fixed_affine: torch.Tensor | None,
+    refine: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The images refinement and the quality measures work on: the finer ``refine`` images when given, else the
+    network's; as float32 tensors with ``(B, 4, 4)`` affines ``(moving, fixed, moving_affine, fixed_affine)``."""
+    b, device = moving.shape[0], moving.device
+    r_m, r_f, r_am, r_af = (moving, fixed, moving_affine, fixed_affine) if refine is None else refine
+    return (
+        as_tensor(r_m).float(),
+        as_tensor(r_f).float(),
+        batch_affine(r_am, b, device),
+        batch_affine(r_af, b, device),
+    )
 
 
 def _views_record(candidates: list[_Candidate], checked: list[int], chosen: int | None = None) -> dict[str, Any]:

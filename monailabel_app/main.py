@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
-from lib.infers import AlignToAtlas, AtlasSegmentation
+from lib.infers import AlignToAtlas, AtlasSegmentation, BrainExtraction
 from lib.registration import Atlas, BundleRegistration, WeightStore, build_mni_atlas, load_atlas, parse_bool
 from lib.trainers import KeyMorphFineTune
 from monailabel.interfaces.app import MONAILabelApp
@@ -119,6 +119,7 @@ class KeyMorphApp(MONAILabelApp):
         return {
             "keymorph_atlas_seg": AtlasSegmentation(self.registration, self.weights, self.atlas, **common),
             "keymorph_align": AlignToAtlas(self.registration, self.weights, self.atlas, **common),
+            "keymorph_brain_mask": BrainExtraction(self.bundle_dir / "models" / "brain_extractor.pt"),
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:

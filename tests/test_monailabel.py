@@ -358,6 +358,19 @@ def test_info_lists_the_registration_tasks(server):
     assert info["datastore"]["total"] == len(STUDIES)
 
 
+def test_brain_mask_task_gives_the_brain_on_the_image_grid(server, demo, studies, work):
+    status, info = http_json("GET", f"{server.url}/info/")
+    assert info["models"]["keymorph_brain_mask"]["labels"] == {"brain": 1}
+    status, headers, body = _infer(server, "keymorph_brain_mask", SUBJECT, output="image")
+    assert status == 200, body[:2000]
+    mask_file = work / "brainmask.nii.gz"
+    mask_file.write_bytes(body)
+    subject, mask = nib.load(str(studies / f"{SUBJECT}.nii.gz")), nib.load(str(mask_file))
+    assert mask.shape == subject.shape and np.allclose(mask.affine, subject.affine)
+    truth = np.asarray(nib.load(str(_label_of(demo, SUBJECT))).dataobj) > 0
+    assert _dice(np.asarray(mask.dataobj) > 0, truth, (True,))[0] > 0.9
+
+
 def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, studies, model_dir, work):
     status, headers, body = _infer(server, "keymorph_atlas_seg", SUBJECT)
     assert status == 200, body[:2000]
@@ -392,6 +405,7 @@ def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, s
     f2m = np.asarray(result["fixed_to_moving_ras"])
     assert np.allclose(f2m @ np.asarray(result["moving_to_fixed_ras"]), np.eye(4), atol=1e-5)
     assert "AffineTransform" in result["itk_transform_tfm"]
+    assert result["quality"]["verdict"] == "ok" and 1.0 < result["quality"]["nmi"] <= 2.0, result["quality"]
     error = _mean_error_mm(_brain_points(_label_of(demo, SUBJECT)), f2m, np.linalg.inv(world_from_template))
     print(
         f"{SUBJECT}: mean tissue Dice {dice:.3f} (true transform {dice_oracle:.3f}, none {dice_identity:.3f}); "

@@ -82,6 +82,9 @@ def test_verdict_names_each_reason_and_thresholds_come_from_config():
     ambiguous = {"ambiguous": True, "runner_up": 5, "distance_mm": 60.0, "margin": 0.01}
     state, reasons = verdict({**good, "views": ambiguous})
     assert state == "suspect" and "candidate views disagree" in reasons[0]
+    state, reasons = verdict({**good, "views": {"refinement_mm": 0.0}})
+    assert state == "suspect" and "refinement kept the keypoint fit" in reasons[0]
+    assert verdict({**good, "views": {"refinement_mm": 0.4}}) == ("ok", [])
     strict = QualityThresholds.from_mapping({"min_nmi": 1.5})
     assert verdict(good, strict)[0] == "suspect" and verdict(good)[0] == "ok"
     with pytest.raises(ValueError, match="min_nmi_typo"):
@@ -146,23 +149,25 @@ def shipped():
     return network, parser.get_parsed_content("preprocessing"), parser.get_parsed_content("prepare_batch")
 
 
-def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, tmp_path, monkeypatch):
-    """The residual ranking is made to put a wrong view first (as it did on a real pair at 90 degrees); refining the
-    best candidates and keeping the best similarity registers the pair anyway, and the record says so."""
+@pytest.fixture(scope="module")
+def rotated_pair(shipped, tmp_path_factory):
+    """A held-out synthetic T1 pair, the moving one turned by 90 degrees about a random axis, preprocessed by the
+    bundle: ``(moving, args, kwargs, error_of(out))``."""
     from monai.data import list_data_collate
 
     from custom_nets.data import save_nifti
 
-    network, preprocessing, prepare = shipped
+    _, preprocessing, prepare = shipped
+    tmp = tmp_path_factory.mktemp("rotated")
     synth = BrainSynthesizer(spatial_size=64, pixdim=4.0)
     rng = np.random.default_rng(11)
     truth = random_affine_matrix(rng, 0, 0.05, 0.0, 8.0, rotation_angle_deg=90.0, centre=BRAIN_CENTRE_MNI)
     seed = subject_seed("test", 21)
     probs = synth.subject(seed)
     paths = {
-        "fixed_image": save_nifti(synth.image(probs, "t1", 1)[0].numpy(), synth.affine, tmp_path / "f.nii.gz"),
+        "fixed_image": save_nifti(synth.image(probs, "t1", 1)[0].numpy(), synth.affine, tmp / "f.nii.gz"),
         "moving_image": save_nifti(
-            synth.image(synth.subject(seed, pose=truth), "t1", 2)[0].numpy(), synth.affine, tmp_path / "m.nii.gz"
+            synth.image(synth.subject(seed, pose=truth), "t1", 2)[0].numpy(), synth.affine, tmp / "m.nii.gz"
         ),
     }
     batch = list_data_collate([preprocessing({k: str(v) for k, v in paths.items()})])
@@ -173,6 +178,14 @@ def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, t
     def error(out):
         return float(transform_error_mm(out.fixed_to_moving, torch.as_tensor(truth)[None], mask, a))
 
+    return moving, args, kwargs, error
+
+
+def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, rotated_pair, monkeypatch):
+    """The residual ranking is made to put a wrong view first (as it did on a real pair at 90 degrees); refining the
+    best candidates and keeping the best similarity registers the pair anyway, and the record says so."""
+    network = shipped[0]
+    moving, args, kwargs, error = rotated_pair
     with torch.no_grad():
         honest = network(moving, *args, **kwargs)
     right_view = honest.quality[0]["views"]["chosen"]
@@ -200,7 +213,7 @@ def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, t
     assert error(fooled) > 10.0  # the residual alone keeps the wrong view
     assert error(checked) < 2.0, checked.quality
     views = checked.quality[0]["views"]
-    assert views["chosen"] == right_view and views["residual_rank"] == 2 and len(views["checked"]) == 3
+    assert views["chosen"] == right_view and views["residual_rank"] == 2 and len(views["checked"]) >= 2
 
 
 # ------------------------------------------------------------------------------------------------------- booleans
@@ -218,3 +231,18 @@ def test_parse_bool_false(typed):
 def test_parse_bool_refuses_what_is_not_a_boolean(typed):
     with pytest.raises(ValueError, match="option refine: expected a boolean"):
         parse_bool(typed, "refine")
+
+
+def test_inverse_consistency_is_measured_when_asked(shipped, rotated_pair, monkeypatch):
+    """``inverse_consistency``: the pair registered the other way round too; a good registration comes back to
+    where it started (well under a voxel of the 2 mm refinement images), and the record says by how much."""
+    network = shipped[0]
+    moving, args, kwargs, error = rotated_pair
+    monkeypatch.setattr(network, "inverse_consistency", True)
+    with torch.no_grad():
+        out = network(moving, *args, **kwargs)
+    quality = out.quality[0]
+    assert error(out) < 2.0
+    assert 0.0 < quality["inverse_consistency_mm"] < 1.0, quality
+    assert not any("inverse_consistency" in r for r in quality["reasons"])
+    assert network.assess_quality and network.inverse_consistency  # restored after the backward registration

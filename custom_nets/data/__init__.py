@@ -21,10 +21,12 @@ from .datasets import (
     synthetic_pairs,
 )
 from .demo import save_nifti, write_demo_data
+from .heads import HeadSynthesizer
 from .synth import CONTRAST_PRESETS, CONTRASTS, BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES, cube_affine, load_tissue_template
 from .transforms import (
     AbovePercentile,
+    BrainMaskd,
     CheckLabelGridd,
     CheckWorldOverlapd,
     IsotropicSpacingd,
@@ -38,6 +40,7 @@ from .transforms import (
 
 __all__ = [
     "AbovePercentile",
+    "BrainMaskd",
     "BRAIN_CENTRE_MNI",
     "CheckLabelGridd",
     "CheckWorldOverlapd",
@@ -51,6 +54,7 @@ __all__ = [
     "failure_message",
     "world_bounding_box",
     "BrainSynthesizer",
+    "HeadSynthesizer",
     "CONTRASTS",
     "CONTRAST_PRESETS",
     "IXI_MODALITIES",

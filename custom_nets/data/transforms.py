@@ -271,8 +271,10 @@ class BrainMaskd(MapTransform):
     (:func:`~custom_nets.brainmask.extract_brain_mask`: raw heads, any contrast), else the image is left as it is.
     Raw heads (skull, scalp, face, neck, background) then look like the skull-stripped brains the detector was trained
     on, and the refinement and the quality measures see the brain only. The extractor's mask is dilated by
-    ``margin_mm`` first, so that a mask a little too tight does not cut cortex, and an image that is already
-    skull-stripped comes out unchanged (its brain lies inside the dilated mask). The mask is stored as a ``uint8``
+    ``margin_mm`` first, so that a mask a little too tight does not cut cortex. It is applied only to a head: where
+    less than ``head_fraction`` of the image's foreground lies outside the dilated mask, the image is taken to be
+    skull-stripped already and left as it is (the extractor is less exact than a brain's own edge). The mask is
+    stored as a ``uint8``
     ``MetaTensor`` ``(1, I, J, K)`` on the image's grid under ``<side>_brainmask`` (:func:`brainmask_key`), for the
     outputs.
 
@@ -280,6 +282,8 @@ class BrainMaskd(MapTransform):
         keys: image keys (``fixed_image``, ``moving_image``).
         extractor: a brain-extraction network, or ``None`` (only user masks are applied).
         margin_mm: dilation of the extractor's mask (mm; user masks are used as they are).
+        head_fraction: fraction of the foreground outside the extractor's (dilated) mask from which an image is a
+            head to be masked.
         allow_missing_keys: skip absent keys.
 
     Raises:
@@ -291,14 +295,15 @@ class BrainMaskd(MapTransform):
         keys: KeysCollection,
         extractor: torch.nn.Module | None = None,
         margin_mm: float = 3.0,
+        head_fraction: float = 0.2,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.extractor, self.margin_mm = extractor, float(margin_mm)
+        self.extractor, self.margin_mm, self.head_fraction = extractor, float(margin_mm), float(head_fraction)
         self._loader = LoadVolumed(["mask"], reject_constant=False)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from ..brainmask import extract_brain_mask
+        from ..brainmask import extract_brain_mask, foreground_threshold
         from ..geometry import resample
 
         d = dict(data)
@@ -319,10 +324,14 @@ class BrainMaskd(MapTransform):
                 )[0]
                 source = str(given)
             elif self.extractor is not None:
+                plain = img.as_tensor().float()
                 with torch.no_grad():
-                    mask = _dilate(extract_brain_mask(self.extractor, img.as_tensor().float(), affine), affine,
-                                   self.margin_mm)  # fmt: skip
+                    mask = _dilate(extract_brain_mask(self.extractor, plain, affine), affine, self.margin_mm)
                 source = "the brain extractor"
+                foreground = plain > foreground_threshold(plain)
+                outside = float((foreground & (mask == 0)).sum()) / max(1.0, float(foreground.sum()))
+                if outside < self.head_fraction:
+                    continue  # skull-stripped already: the image's own edge is the brain's
             else:
                 continue
             if not bool(mask.any()):
