@@ -447,13 +447,13 @@ def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, s
     cli = json.loads((out / f"{ATLAS_STEM}_t1.json").read_text())
     # This venv's torch build differs from the server's. The detector's keypoints agree to float32 rounding. The
     # matrices come out of the refinement, an iterative optimiser (L-BFGS, line search) whose path the rounding of
-    # two builds nudges: seen up to 2e-3 mm, against the refinement's own error of ~0.3 mm; a pipeline difference
-    # would show in mm.
+    # two builds nudges: seen up to 2e-3 mm with 0.2.0's samples, 2.6e-2 mm with 0.3.0's (each level draws its own
+    # sample), against the refinement's own error of ~0.3 mm; a pipeline difference would show in mm.
     for key, tol in (
         ("keypoints_fixed_ras_mm", 1e-3),
         ("keypoints_moving_ras_mm", 1e-3),
-        ("fixed_to_moving_ras", 1e-2),
-        ("moving_to_fixed_ras", 1e-2),
+        ("fixed_to_moving_ras", 5e-2),
+        ("moving_to_fixed_ras", 5e-2),
     ):
         diff = np.abs(np.asarray(cli[key]) - np.asarray(result[key])).max()
         print(f"server vs CLI, {key}: {diff:.2e}")
