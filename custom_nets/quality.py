@@ -49,9 +49,12 @@ class QualityThresholds:
     """Limits beyond which a registration is ``suspect`` (see :func:`verdict`); calibrated on held-out pairs.
 
     The similarity limits come from ``benchmarks/calibrate_quality.py`` (40 validation pairs: synthetic same /
-    cross-contrast, inter-subject, MNI remapped; 0-180 degrees; 2 mm): they flag every transform more than 10 mm off
-    (212 of 212, wrong views included) and 98 % of those 5-10 mm off, 40 % at 3-5 mm and 3 % at 2-3 mm, and none of
-    the 111 exact-truth transforms below 2 mm (inter-subject: 2 of 27, whose truth is itself only good to ~3 mm).
+    cross-contrast, inter-subject, MNI remapped; 0-180 degrees; 2 mm; 520 transforms of known error): they flag every
+    transform more than 10 mm off (212 of 212, wrong views included), 78 % of those 5-10 mm off, 23 % at 3-5 mm,
+    3 % at 2-3 mm, and none of the 111 exact-truth transforms below 2 mm (inter-subject: 10 %, whose truth is itself
+    only good to ~3 mm). A first choice (``min_lncc 0.27``, overlap 0.80) flagged 23 of 26 good pairs of the stress
+    benchmark (independent noise, bias, background): local NCC is lower there, and background noise makes the
+    foreground overlap meaningless, so the overlap is reported but not judged (``min_foreground_overlap 0``).
 
     Attributes:
         min_nmi: lowest normalised mutual information of an accepted result.
@@ -68,8 +71,8 @@ class QualityThresholds:
     """
 
     min_nmi: float = 1.0325
-    min_lncc: float = 0.27
-    min_foreground_overlap: float = 0.80
+    min_lncc: float = 0.12
+    min_foreground_overlap: float = 0.0
     max_residual_mm: float = 12.0
     min_keypoints: float = 8.0
     max_inverse_consistency_mm: float = 2.0

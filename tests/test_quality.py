@@ -75,8 +75,10 @@ def test_verdict_names_each_reason_and_thresholds_come_from_config():
         "keypoints_used": 2.0,
         "inverse_consistency_mm": 9.0,
     }
+    judged = QualityThresholds(min_foreground_overlap=0.8)  # reported, not judged by default (see QualityThresholds)
+    assert verdict({**good, "foreground_overlap": 0.5}) == ("ok", [])
     for key, bad in cases.items():
-        state, reasons = verdict({**good, key: bad})
+        state, reasons = verdict({**good, key: bad}, judged)
         assert state == "suspect" and len(reasons) == 1 and key in reasons[0], (key, reasons)
     assert verdict({**good, "nmi": float("nan")})[0] == "suspect"
     ambiguous = {"ambiguous": True, "runner_up": 5, "distance_mm": 60.0, "margin": 0.01}
