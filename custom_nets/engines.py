@@ -122,6 +122,9 @@ class KeyMorphPrepareBatch:
                 targets[key] = move(batchdata[key])
         if isinstance(batchdata.get("fixed_to_moving"), torch.Tensor):
             targets["fixed_to_moving"] = move(batchdata["fixed_to_moving"]).to(torch.float64).reshape(b, 4, 4)
+        for key in ("fixed_fov", "moving_fov"):  # field-of-view cuts of the training augmentation
+            if isinstance(batchdata.get(key), torch.Tensor):
+                targets[key] = move(batchdata[key]).to(torch.float64).reshape(b, 4)
         kwargs: dict[str, Any] = {"moving_affine": a_m, "fixed_affine": a_f}
         if self.transform_type is not None:
             kwargs["transform_type"] = self.transform_type
@@ -323,7 +326,10 @@ class KeypointPretrainLoss(nn.Module):
 
     The fixed image is in template alignment and ``targets["fixed_to_moving"]`` is the random affine applied to the
     moving image, so keypoint ``k`` should sit at ``ref_k`` in the fixed image and at ``fixed_to_moving(ref_k)`` in
-    the moving one. Loss: mean squared distance in units of ``scale_mm``.
+    the moving one. Loss: mean squared distance in units of ``scale_mm``. Where the batch says that an image's field
+    of view was cut (``targets["fixed_fov"]`` / ``targets["moving_fov"]``: ``(B, 4)`` world planes ``(n, d)``, a
+    point ``x`` cut away when ``n . x > d``; see :class:`~custom_nets.data.RandFieldOfViewCutd`), the points cut
+    away from an image are left out of its term: the detector is asked to place what it can see.
 
     Args:
         num_keypoints: ``K`` (must match the detector).
@@ -344,5 +350,16 @@ class KeypointPretrainLoss(nn.Module):
             raise ValueError(f"KeypointPretrainLoss: {self.reference.shape[0]} reference points, detector gives {k}.")
         ref = self.reference.to(pred.keypoints_fixed.device).expand(b, -1, -1)
         ref_moving = apply_affine(targets["fixed_to_moving"].to(torch.float32), ref)
-        d2 = ((pred.keypoints_fixed - ref) ** 2).sum(-1) + ((pred.keypoints_moving - ref_moving) ** 2).sum(-1)
-        return d2.mean() / (2 * self.scale_mm**2)
+        terms = []
+        for pred_k, true_k, key in ((pred.keypoints_fixed, ref, "fixed_fov"),
+                                    (pred.keypoints_moving, ref_moving, "moving_fov")):  # fmt: skip
+            d2 = ((pred_k - true_k) ** 2).sum(-1)
+            plane = targets.get(key)
+            seen = torch.ones_like(d2)
+            if plane is not None:
+                plane = plane.to(true_k)
+                seen = ((true_k * plane[:, None, :3]).sum(-1) <= plane[:, None, 3]).to(d2.dtype)
+            terms.append((d2 * seen, seen))
+        total = sum(t[0].sum() for t in terms)
+        count = sum(t[1].sum() for t in terms)
+        return total / count.clamp_min(1.0) / self.scale_mm**2

@@ -3,6 +3,7 @@ images."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -30,6 +31,14 @@ TINY = [
     "--refine_pixdim",
     "8.0",
 ]
+
+
+def benchmark_module(name: str):
+    """A script of ``benchmarks/`` (not a package) imported as a module, e.g. ``benchmark_module("bench_stress")``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bundle_cli(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

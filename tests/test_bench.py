@@ -4,15 +4,12 @@ the baselines, and a smoke run of every method on the same pairs."""
 import csv
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import benchmark_module
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_registration", ROOT / "benchmarks" / "bench_registration.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = benchmark_module("bench_registration")
 
 
 def test_itk_matrix_is_the_ras_world_transform():

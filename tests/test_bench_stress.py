@@ -5,7 +5,6 @@ matrices, and the report's reading of bundle outputs (errors, failures and how t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import time
@@ -15,13 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import benchmark_module
 
 from custom_nets.geometry import resample
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_stress", ROOT / "benchmarks" / "bench_stress.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = benchmark_module("bench_stress")
 
 
 @pytest.fixture(scope="module")

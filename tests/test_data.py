@@ -17,6 +17,7 @@ from custom_nets.data import (
     BrainSynthesizer,
     LoadVolumed,
     RandAffineMovingd,
+    RandFieldOfViewCutd,
     RandPaird,
     SyntheticPairDataset,
     SynthPaird,
@@ -163,6 +164,40 @@ def test_augmentation_ranges_and_ramp(synth):
             float(torch.rad2deg(torch.arccos(((torch.trace(m / torch.det(m) ** (1 / 3)) - 1) / 2).clamp(-1, 1))))
         )
     assert max(angles) > 120  # full-range rotations occur
+
+
+def test_field_of_view_cut_and_its_plane():
+    """The cut removes the drawn fraction of the foreground at one end of one voxel axis, from the image and its labels
+    alike, and the recorded world plane says exactly which voxels went (checked voxel by voxel on an oblique grid)."""
+    affine = grid_affine((3.0, 3.5, 5.0), torch.Generator().manual_seed(2), origin=(-40.0, 30.0, -60.0))
+    image = MetaTensor(torch.rand(1, 20, 24, 28) + 0.1, affine=affine)
+    label = MetaTensor(torch.ones(1, 20, 24, 28), affine=affine)
+    world = (voxel_grid((20, 24, 28), dtype=torch.float64) @ affine[:3, :3].T + affine[:3, 3]).reshape(-1, 3)
+    axes, sides = set(), set()
+    for seed in range(12):
+        cut = RandFieldOfViewCutd(("image", "label"), "fov", prob=1.0, min_fraction=0.2, max_fraction=0.3)
+        out = cut({"image": image, "label": label, "seed": seed})
+        kept = out["image"].as_tensor()[0] > 0
+        assert torch.equal(kept, out["label"].as_tensor()[0] > 0)
+        assert torch.equal(out["image"][0][kept], image[0][kept])  # what is kept is untouched
+        assert 0.15 <= 1 - kept.float().mean().item() <= 0.3  # whole slabs: a little under the drawn fraction
+        plane = out["fov"]
+        cut_away = world @ plane[:3] > plane[3]
+        assert torch.equal(cut_away, ~kept.reshape(-1))
+        along = affine[:3, :3].T @ plane[:3]  # +-1 along the cut voxel axis, 0 along the others
+        axes.add(int(torch.argmax(torch.abs(along))))
+        assert torch.allclose(torch.sort(torch.abs(along)).values, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+        sides.add(bool(kept.reshape(-1)[0]))
+        again = cut({"image": image, "label": label, "seed": seed})
+        assert torch.equal(again["fov"], plane)  # a function of the seed
+    assert axes == {0, 1, 2} and sides == {True, False}  # every axis, both ends
+    whole = RandFieldOfViewCutd(("image",), "fov", prob=0.0)({"image": image, "seed": 3})
+    assert torch.equal(whole["image"], image) and torch.equal(whole["fov"], torch.zeros(4, dtype=torch.float64))
+    fixed = RandFieldOfViewCutd(("image",), "fov", prob=1.0, salt=1)({"image": image, "seed": 3})["fov"]
+    moving = RandFieldOfViewCutd(("image",), "fov", prob=1.0, salt=2)({"image": image, "seed": 3})["fov"]
+    assert not torch.equal(fixed, moving)  # the two sides of a pair are cut independently
+    with pytest.raises(ValueError, match="min_fraction"):
+        RandFieldOfViewCutd(("image",), "fov", min_fraction=0.5, max_fraction=0.2)
 
 
 def _write(path, data, affine):

@@ -6,7 +6,8 @@ from helpers import grid_affine, smooth_image
 from monai.data import MetaTensor
 
 from custom_nets import ConvNetDetector, KeyMorph, fit_tps
-from custom_nets.engines import KeyMorphPrepareBatch, RegistrationMetricsd, transform_error_mm
+from custom_nets.engines import KeyMorphPrepareBatch, KeypointPretrainLoss, RegistrationMetricsd, transform_error_mm
+from custom_nets.geometry import voxel_grid
 from custom_nets.losses import KeyMorphLoss
 
 
@@ -70,6 +71,67 @@ def test_metrics_and_loss_terms():
         loss(pred, {k: v for k, v in targets.items() if k != "fixed_label"})
     with pytest.raises(ValueError, match="every term is off"):
         KeyMorphLoss(image_loss=None, dice_weight=0.0)
+
+
+def test_pretrain_loss_against_a_hand_computation_and_field_of_view_cuts():
+    """Mean squared keypoint distance to the reference points (fixed) and to their images under the truth (moving),
+    in ``scale_mm`` units; points cut out of an image's field of view leave that image's term."""
+    loss = KeypointPretrainLoss(num_keypoints=5, seed=0, scale_mm=4.0)
+    ref = loss.reference.double()
+    truth = torch.eye(4, dtype=torch.float64)
+    truth[:3, :3] = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.1]])
+    truth[:3, 3] = torch.tensor([5.0, -3.0, 2.0])
+    ref_m = ref @ truth[:3, :3].T + truth[:3, 3]
+    off_f = torch.arange(15, dtype=torch.float64).reshape(5, 3) / 7.0
+    off_m = -torch.arange(15, dtype=torch.float64).reshape(5, 3) / 5.0
+    pred = KeyMorphOutputStub(ref + off_f, ref_m + off_m)
+    d2_f, d2_m = (off_f**2).sum(-1), (off_m**2).sum(-1)
+    value = loss(pred, {"fixed_to_moving": truth[None]})
+    assert value.item() == pytest.approx(((d2_f.sum() + d2_m.sum()) / 10 / 16).item(), rel=1e-5)
+    # a plane that cuts away the moving points with x > ref_m[2, 0] (points 0..4 sorted by x: some are cut)
+    level = float(torch.sort(ref_m[:, 0]).values[2])
+    seen_m = ref_m[:, 0] <= level
+    planes = {"fixed_fov": torch.zeros(1, 4, dtype=torch.float64),
+              "moving_fov": torch.tensor([[1.0, 0.0, 0.0, level]], dtype=torch.float64)}  # fmt: skip
+    value = loss(pred, {"fixed_to_moving": truth[None], **planes})
+    expected = (d2_f.sum() + d2_m[seen_m].sum()) / (5 + int(seen_m.sum())) / 16
+    assert 0 < int(seen_m.sum()) < 5
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(KeyError, match="fixed_to_moving"):
+        loss(pred, {})
+
+
+def test_training_pairs_carry_their_cuts_to_the_loss():
+    """``build_pair_dataset(fov_cut=...)`` cuts each side independently and the prepare-batch hands the planes on."""
+    from monai.data import list_data_collate
+
+    from custom_nets.data import build_pair_dataset
+
+    ds = build_pair_dataset(2, seed=0, spatial_size=40, pixdim=6.4, fov_cut={"prob": 1.0, "min_fraction": 0.2})
+    items = [ds[i] for i in range(2)]
+    for item in items:
+        for side in ("fixed", "moving"):
+            plane = item[f"{side}_fov"]
+            assert plane.shape == (4,) and torch.linalg.norm(plane[:3]) > 0  # cut
+            image, label = item[f"{side}_image"], item[f"{side}_label"]
+            a = image.affine.double()
+            world = voxel_grid(image.shape[1:], dtype=torch.float64) @ a[:3, :3].T + a[:3, 3]
+            gone = world @ plane[:3] > plane[3]
+            assert gone.any() and (image.as_tensor()[0][gone] == 0).all() and (label.as_tensor()[0][gone] == 0).all()
+            assert (label.as_tensor()[0][~gone] > 0).any()  # brain left
+    _, targets, _, _ = KeyMorphPrepareBatch()(list_data_collate(items), torch.device("cpu"))
+    assert torch.equal(targets["moving_fov"], torch.stack([i["moving_fov"] for i in items]))
+    assert torch.equal(targets["fixed_fov"], torch.stack([i["fixed_fov"] for i in items]))
+    uncut = build_pair_dataset(1, seed=0, spatial_size=40, pixdim=6.4)[0]
+    assert "fixed_fov" not in uncut
+
+
+class KeyMorphOutputStub:
+    """The two fields of :class:`~custom_nets.KeyMorphOutput` the pretraining loss reads, batch of one."""
+
+    def __init__(self, keypoints_fixed, keypoints_moving):
+        self.keypoints_fixed = keypoints_fixed[None].float()
+        self.keypoints_moving = keypoints_moving[None].float()
 
 
 def test_one_hot_labels_drop_values_outside_the_classes():

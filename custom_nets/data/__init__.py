@@ -1,6 +1,6 @@
 """Data for KeyMorph: synthetic multi-contrast brains, augmentation, real-data loading and the demo set."""
 
-from .augment import RandAffineMovingd, random_affine_matrix, rotation_matrix
+from .augment import RandAffineMovingd, RandFieldOfViewCutd, random_affine_matrix, rotation_matrix
 from .datasets import (
     FAILURE_KEY,
     FAILURES_KEY,
@@ -60,6 +60,7 @@ __all__ = [
     "IXI_MODALITIES",
     "LoadVolumed",
     "RandAffineMovingd",
+    "RandFieldOfViewCutd",
     "RandPaird",
     "SynthPaird",
     "SyntheticPairDataset",

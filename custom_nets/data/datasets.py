@@ -13,7 +13,7 @@ import numpy as np
 from monai.data import Dataset, list_data_collate
 from monai.transforms import Compose
 
-from .augment import RandAffineMovingd
+from .augment import RandAffineMovingd, RandFieldOfViewCutd
 from .transforms import RandPaird, SynthPaird, affine_problem, nibabel_reads, preprocessing_transforms
 
 __all__ = [
@@ -300,6 +300,7 @@ def build_pair_dataset(
     augment: Mapping[str, Any] | None = None,
     alt_contrast: bool = False,
     items: Sequence[Mapping[str, Any]] | None = None,
+    fov_cut: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """The pair dataset the bundle's configs use: synthetic pairs, or pairs drawn from a datalist of real images.
 
@@ -320,6 +321,9 @@ def build_pair_dataset(
         augment: :class:`RandAffineMovingd` arguments.
         alt_contrast: synthetic pairs also carry ``moving_image_alt`` (keypoint consistency).
         items: explicit items (e.g. :func:`evaluation_items`) instead of ``num_pairs`` / ``seed``.
+        fov_cut: :class:`RandFieldOfViewCutd` arguments (``prob``, ``min_fraction``, ``max_fraction``), applied to
+            each image of the pair independently after the misalignment (planes in ``fixed_fov`` / ``moving_fov``);
+            ``None`` for no cuts.
     """
     if items is None:
         items = synthetic_pairs(num_pairs, seed)
@@ -347,6 +351,12 @@ def build_pair_dataset(
     transforms = list(first)
     if augment is not False:
         transforms.append(RandAffineMovingd(**dict(augment or {})))
+    if fov_cut is not None:
+        cut = dict(fov_cut)
+        transforms += [
+            RandFieldOfViewCutd(("fixed_image", "fixed_label"), "fixed_fov", salt=1, **cut),
+            RandFieldOfViewCutd(("moving_image", "moving_label", "moving_image_alt"), "moving_fov", salt=2, **cut),
+        ]
     return Dataset([dict(i) for i in items], transform=Compose(transforms))
 
 
