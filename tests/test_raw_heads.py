@@ -14,6 +14,7 @@ import pytest
 from helpers import benchmark_module, bundle_cli
 
 from custom_nets.data import save_nifti
+from custom_nets.handlers import output_stem
 
 bench = benchmark_module("bench_stress")
 
@@ -67,8 +68,7 @@ def _infer(*args: str) -> None:
 
 
 def _result(folder: Path, moving: str) -> dict:
-    stem = Path(moving).name.replace(".nii.gz", "")
-    return json.loads((folder / f"{stem}.json").read_text())
+    return json.loads((folder / f"{output_stem(moving)}.json").read_text())
 
 
 def test_raw_heads_register_to_the_truth_and_masks_steer_the_similarity(raw_pair):
@@ -87,13 +87,13 @@ def test_raw_heads_register_to_the_truth_and_masks_steer_the_similarity(raw_pair
     assert errors["moving"] < 2.0 and errors["moving_cropped"] < 2.0, errors
 
     # the brain masks the extractor computed are written on each input grid
-    for key, name in (("moving", "moving_brainmask"), ("moving_cropped", "moving_cropped_brainmask"),
-                      ("fixed", "moving_fixed_brainmask")):  # fmt: skip
+    for key, name, truth_key in (("moving", "moving_brainmask", "moving_mask"),
+                                 ("moving_cropped", "moving_cropped_brainmask", None),
+                                 ("fixed", "moving_fixed_brainmask", "fixed_mask")):  # fmt: skip
         mask, image = nib.load(out / "auto" / f"{name}.nii.gz"), nib.load(paths[key])
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-5), name
-        truth = np.asarray(nib.load(paths["moving_mask" if key == "moving" else "fixed_mask"]).dataobj) > 0
-        if key != "moving_cropped":
-            got = np.asarray(mask.dataobj) > 0
+        if truth_key is not None:
+            got, truth = np.asarray(mask.dataobj) > 0, np.asarray(nib.load(paths[truth_key]).dataobj) > 0
             assert 2 * (got & truth).sum() / (got.sum() + truth.sum()) > 0.6, name  # the brain, not the head
 
     # masks given on the command line, as people type them: the right ones do not hurt, a wrong one changes the result
@@ -101,16 +101,8 @@ def test_raw_heads_register_to_the_truth_and_masks_steer_the_similarity(raw_pair
            "--fixed_mask", paths["fixed_mask"], "--output_dir", str(out / "right"))  # fmt: skip
     right = _result(out / "right", paths["moving"])
     assert bench.score(rec, right["fixed_to_moving_ras"])["error_mm"] < 2.0
-    _infer(
-        "--moving",
-        paths["moving"],
-        "--fixed",
-        paths["fixed"],
-        "--moving_mask",
-        paths["wrong_mask"],
-        "--output_dir",
-        str(out / "wrong"),
-    )
+    _infer("--moving", paths["moving"], "--fixed", paths["fixed"], "--moving_mask", paths["wrong_mask"],
+           "--output_dir", str(out / "wrong"))  # fmt: skip
     wrong = _result(out / "wrong", paths["moving"])
     moved = bench.score({**rec, "fixed_to_moving_ras": right["fixed_to_moving_ras"]}, wrong["fixed_to_moving_ras"])
     # (31.8 mm and suspect with the shipped weights: never a silent wrong answer)
