@@ -26,10 +26,16 @@ Models served (``GET /info``):
 ``orientation_search``    default of the infer option (``true`` / ``false``; default: the bundle's, ``true``)
 ``use_finetuned``         infer with the latest fine-tuned weights once a training run published some (default true)
 ``skip_trainers``         do not offer the train task (default false)
+``infer_workers``         registrations that may run at the same time, each in a worker thread (default 1); the
+                          server keeps answering other requests while they run
+``train_memory_gb``       address-space limit of a training process on the CPU, in GB (default: 75 % of the RAM)
 ========================  ===========================================================================================
 
 Inference only reads images of the datastore (by id, or a file inside the studies folder or a MONAI Label session):
-a request naming any other file on the server is refused with HTTP 403, an unknown id with 404.
+a request naming any other file on the server is refused with HTTP 403, an unknown id with 404. Nothing is read,
+written or deleted outside the studies folder and the session folder: the datastore and the session store are the
+app's own (:mod:`lib.guard`), and the infer and train routes are the app's own (:mod:`lib.routes`: checked
+parameters, inference in worker threads, no ``run_sync`` training).
 """
 
 from __future__ import annotations
@@ -40,10 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
+from lib.guard import ConfinedDatastore, ConfinedSessions, is_within
 from lib.infers import AlignToAtlas, AtlasSegmentation, BrainExtraction
 from lib.registration import Atlas, BundleRegistration, WeightStore, build_mni_atlas, load_atlas, parse_bool
+from lib.routes import install_routes
 from lib.trainers import KeyMorphFineTune
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -55,13 +65,19 @@ import custom_nets
 logger = logging.getLogger(__name__)
 
 
-def _is_within(path: str, folder: str) -> bool:
-    """Whether ``path`` (resolved, symlinks followed) lies inside ``folder`` (resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
+def _positive(conf: dict[str, str], key: str, default: float, kind: type = float) -> float:
+    raw = conf.get(key)
     try:
-        return os.path.commonpath([path, folder]) == folder
-    except ValueError:  # different drives
-        return False
+        value = kind(raw) if raw is not None else default
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise ValueError(f"--conf {key}: expected a positive {kind.__name__}, got {raw!r}.")
+    return value
+
+
+def _ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 class KeyMorphApp(MONAILabelApp):
@@ -87,6 +103,8 @@ class KeyMorphApp(MONAILabelApp):
         )
         self.use_finetuned = parse_bool(conf.get("use_finetuned", "true"), "--conf use_finetuned")
         self.weights = WeightStore(self.bundle_dir, self.model_dir)
+        self.infer_workers = int(_positive(conf, "infer_workers", 1, int))
+        self.train_memory_gb = _positive(conf, "train_memory_gb", round(0.75 * _ram_gb(), 1))
         logger.info(
             "KeyMorph app: bundle %s, model folder %s, atlas %s, orientation search %s",
             self.bundle_dir,
@@ -125,7 +143,31 @@ class KeyMorphApp(MONAILabelApp):
     def init_trainers(self) -> dict[str, TrainTask]:
         if parse_bool(self.conf.get("skip_trainers", "false"), "--conf skip_trainers"):
             return {}
-        return {"keymorph": KeyMorphFineTune(self.weights)}
+        return {"keymorph": KeyMorphFineTune(self.weights, memory_limit_gb=self.train_memory_gb)}
+
+    def init_datastore(self) -> Datastore:
+        """The studies folder as a :class:`lib.guard.ConfinedDatastore` (a remote datastore as MONAI Label makes it)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return ConfinedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _load_sessions(self, load: bool = False) -> ConfinedSessions | None:
+        if not load:
+            return None
+        return ConfinedSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
+    def server_mode(self, mode: bool) -> None:
+        """Called once the server starts: put the app's infer and train routes before MONAI Label's."""
+        super().server_mode(mode)
+        if mode:
+            from monailabel.app import app as fastapi_app
+
+            install_routes(fastapi_app, self.infer_workers)
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
@@ -161,7 +203,7 @@ class KeyMorphApp(MONAILabelApp):
             sessions = self.sessions()
             if sessions is not None:
                 allowed.append(sessions.store_path)
-            if not any(_is_within(image, folder) for folder in allowed):
+            if not any(is_within(image, folder) for folder in allowed):
                 logger.warning("refused an infer request for %s: outside the datastore", image)
                 raise HTTPException(
                     status_code=403,

@@ -397,3 +397,32 @@ def test_pairs_carry_a_ground_truth_only_when_every_record_has_one(caplog):
         partial = RandPaird(records, same_subject_prob=1.0, cross_contrast_prob=1.0)
     assert "1 of 4 records have no world_from_template" in caplog.text
     assert all("fixed_to_moving" not in partial({"seed": s}) for s in range(8))
+
+
+def test_a_training_epoch_of_any_length_costs_no_memory():
+    """Unseeded training items are drawn lazily: an epoch of 10^7 pairs (an absurd ``epoch_length`` a server request
+    could ask for) is not stored, items are fresh dicts, the end is an IndexError."""
+    import tracemalloc
+
+    from custom_nets.data import build_pair_dataset, synthetic_pairs
+
+    items = synthetic_pairs(10**7, seed=None)
+    assert len(items) == 10**7 and items[0] == {"seed": None} and items[-1] == {"seed": None}
+    assert items[0] is not items[0]  # transforms may add keys: never a shared dict
+    assert items[2:5] == [{"seed": None}] * 3
+    with pytest.raises(IndexError):
+        items[10**7]
+    tracemalloc.start()
+    ds = build_pair_dataset(num_pairs=10**7, seed=None, spatial_size=32, pixdim=8.0, augment=False)
+    ds_small = build_pair_dataset(num_pairs=10, seed=None, spatial_size=32, pixdim=8.0, augment=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(ds) == 10**7 and len(ds_small) == 10
+    assert peak < 1.5 * 2**30, peak  # stored as a list, 10^7 items take about 2 GB more (measured 0.75 GB without)
+    pair = ds[1_234_567]
+    assert pair["fixed_image"].shape[-3:] == (32, 32, 32)
+    # seeded items (evaluation) stay a fixed, reproducible list
+    assert (
+        synthetic_pairs(3, seed=0) == synthetic_pairs(3, seed=0)
+        and len({i["seed"] for i in synthetic_pairs(3, 0)}) == 3
+    )

@@ -48,6 +48,7 @@ ATLAS_STEM = "mni152_2009a_tissue"
 SUBJECT = "sub-02_T1"  # test subject of the demo set: its labels are the truth
 ROTATED = "pair-00_sub-02_T2"  # the same subject posed by 45 degrees about an oblique axis, T2 contrast
 STUDIES = [SUBJECT, ROTATED, "sub-00_T2", "sub-01_PD"]
+LINK_OUT = "evil"  # a symlink in the studies folder pointing outside it
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -116,6 +117,8 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.tmp = log.parent / f"{log.stem}_tmp"
+        self.tmp.mkdir(exist_ok=True)
         cmd = [str(venv / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in conf.items():
@@ -125,6 +128,7 @@ class Server:
             PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
             MONAILABEL_PYEXE=str(venv / "bin" / "python"),  # the monailabel launcher runs `python` from PATH
             MONAI_LABEL_SESSION_PATH=str(cwd / "sessions"),
+            TMPDIR=str(self.tmp),  # the server's temporary files, checked for leftovers
             PYTHONWARNINGS="ignore",
         )
         env.pop("PYTHONPATH", None)
@@ -194,6 +198,11 @@ def studies(work, demo) -> Path:
     folder.mkdir()
     for name in STUDIES:
         shutil.copy(demo / f"{name}.nii.gz", folder / f"{name}.nii.gz")
+    # a link in the studies folder to a file outside it: must be neither listed, read nor deleted (with its target)
+    outside = work / "outside"
+    outside.mkdir()
+    (outside / "secret.nii.gz").write_bytes(b"not for clients")
+    (folder / f"{LINK_OUT}.nii.gz").symlink_to(outside / "secret.nii.gz")
     return folder
 
 
@@ -543,10 +552,226 @@ def test_session_images_are_served_and_unusable_images_explained(server, demo, w
     status, _, body = http("POST", f"{server.url}/infer/keymorph_atlas_seg?session_id={session(constant)}&output=json")
     assert status == 422, body[:2000]
     assert "constant" in json.loads(body)["detail"]
+    assert str(work) not in json.loads(body)["detail"]  # no server path in what the client is told
     form, ctype = multipart_body({"params": (None, json.dumps({"orientation_search": "maybe"}).encode())})
     q = urllib.parse.urlencode({"image": SUBJECT, "output": "json"})
     status, _, body = http("POST", f"{server.url}/infer/keymorph_align?{q}", form, {"Content-Type": ctype})
     assert status == 400 and "orientation_search" in json.loads(body)["detail"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the server's confinement: nothing read, written or deleted outside its folders, no request that takes it down
+
+
+def _put_file(server: Server, route: str, query: dict, field: str, name: str, content: bytes):
+    form, ctype = multipart_body({field: (name, content)})
+    return http("PUT", f"{server.url}{route}?{urllib.parse.urlencode(query)}", form, {"Content-Type": ctype})
+
+
+def _detail(body: bytes) -> str:
+    return json.loads(body)["detail"]
+
+
+def _leftovers(server: Server) -> list[str]:
+    return sorted(p.name for p in server.tmp.iterdir())
+
+
+def test_ids_and_tags_that_are_paths_are_refused(server, demo, studies, work):
+    """Upload ids, label tags (also through an infer's ``label_tag``) and session ids that are paths are refused with
+    400; nothing lands outside the studies folder, and a refused upload leaves no temporary file."""
+    nifti = (demo / "sub-00_T1.nii.gz").read_bytes()
+    before = _leftovers(server)
+    for image_id in ("../escaped", str(work / "escaped_abs"), "..", "a/b", "nul\x00x"):
+        status, _, body = _put_file(server, "/datastore/image", {"image": image_id}, "file", "x.nii.gz", nifti)
+        assert status == 400 and "image id" in _detail(body), (image_id, status, body[:300])
+    status, _, body = _put_file(server, "/datastore/image", {"image": "script"}, "file", "x.sh", b"#!/bin/sh\n")
+    assert status == 415 and ".sh" in _detail(body), (status, body[:300])
+    assert not (studies / "script.sh").exists() and not list(studies.glob("script*"))
+    for tag in ("../..", "../../../escaped_tag", str(work / "tags")):
+        status, _, body = _put_file(
+            server, "/datastore/label", {"image": "sub-00_T2", "tag": tag}, "label", "l.nii.gz", nifti
+        )
+        assert status == 400 and "label tag" in _detail(body), (tag, status, body[:300])
+    form, ctype = multipart_body({"params": (None, json.dumps({"save_label": True, "label_tag": "../../x"}).encode())})
+    q = urllib.parse.urlencode({"image": "sub-00_T2", "output": "json"})
+    status, _, body = http("POST", f"{server.url}/infer/keymorph_atlas_seg?{q}", form, {"Content-Type": ctype})
+    assert status == 400 and "label tag '../../x'" in _detail(body), (status, body[:300])
+    for method in ("GET", "DELETE"):
+        status, _, body = http(method, f"{server.url}/session/%2e%2e")
+        assert status == 400 and "session id" in _detail(body), (method, status, body[:300])
+    escaped = [
+        p for p in (work / "escaped.nii.gz", work / "escaped_abs.nii.gz", work.parent / "x.nii.gz") if p.exists()
+    ]
+    assert not escaped and (work / "sessions").parent.is_dir()
+    assert not list(work.glob("**/escaped*")) and not list(studies.parent.glob("x.nii*"))
+    assert _leftovers(server) == before  # the uploads of refused requests were removed
+    # a plain id still works, and a plain tag too
+    status, _, body = _put_file(server, "/datastore/image", {"image": "uploaded"}, "file", "x.nii.gz", nifti)
+    assert status == 200 and (studies / "uploaded.nii.gz").read_bytes() == nifti, body[:300]
+    status, _, body = _put_file(
+        server, "/datastore/label", {"image": "uploaded", "tag": "mine"}, "label", "l.nii.gz", nifti
+    )
+    assert status == 200 and (studies / "labels" / "mine" / "uploaded.nii.gz").is_file(), body[:300]
+    status, _, _ = http("DELETE", f"{server.url}/datastore/image?id=uploaded")
+    assert status == 200 and not (studies / "uploaded.nii.gz").exists()
+
+
+def test_session_archives_that_reach_outside_are_refused(server, demo, work):
+    """Tar slip (``../`` members, absolute members, links) is refused with 400 before anything is unpacked; a plain
+    archive still opens a session."""
+    import io
+    import tarfile
+
+    def tar(members: list[tarfile.TarInfo], data: bytes = b"x") -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            for m in members:
+                t.addfile(m, io.BytesIO(data) if m.isfile() else None)
+        return buf.getvalue()
+
+    def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, 1 if kind == tarfile.REGTYPE else 0
+        return info
+
+    before = _leftovers(server)
+    bad = {
+        "slip": [member("../../slipped.nii.gz")],
+        "absolute": [member(str(work / "abs_slipped.nii.gz"))],
+        "symlink": [member("link.nii.gz", tarfile.SYMTYPE, str(work / "outside" / "secret.nii.gz"))],
+        "hardlink": [member("hard.nii.gz", tarfile.LNKTYPE, "/etc/passwd")],
+    }
+    for name, members in bad.items():
+        status, _, body = _put_file(server, "/session/", {"uncompress": "true"}, "files", f"{name}.tar", tar(members))
+        assert status == 400 and "session archive" in _detail(body), (name, status, body[:300])
+    status, _, body = _put_file(server, "/session/", {"uncompress": "true"}, "files", "junk.tar", b"not an archive")
+    assert status == 400 and "tar or zip" in _detail(body), (status, body[:300])
+    assert not list(work.glob("**/*slipped*")) and not list(work.parent.glob("*slipped*"))
+    assert _leftovers(server) == before
+    content = (demo / "sub-01_T1.nii.gz").read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("sub-01_T1.nii.gz")
+        info.size = len(content)
+        t.addfile(info, io.BytesIO(content))
+    status, _, body = _put_file(server, "/session/", {"uncompress": "true"}, "files", "ok.tar", buf.getvalue())
+    assert status == 200, body[:300]
+    sid = json.loads(body)["session_id"]
+    assert (work / "sessions" / sid).is_dir()
+    status, _, _ = http("DELETE", f"{server.url}/session/{sid}")
+    assert status == 200 and not (work / "sessions" / sid).exists() and (work / "sessions").is_dir()
+
+
+def test_links_out_of_the_studies_folder_are_not_served_or_followed(server, studies, work):
+    link, target = studies / f"{LINK_OUT}.nii.gz", work / "outside" / "secret.nii.gz"
+    status, listing = http_json("GET", f"{server.url}/datastore/?output=all")
+    assert status == 200 and LINK_OUT not in listing["objects"] and SUBJECT in listing["objects"]
+    status, _, body = http("GET", f"{server.url}/datastore/image?image={LINK_OUT}")
+    assert status == 404 and b"not for clients" not in body
+    status, info = http_json("GET", f"{server.url}/datastore/image/info?image={LINK_OUT}")
+    assert "path" not in (info or {}) and str(target) not in json.dumps(info)
+    status, _, body = _infer(server, "keymorph_atlas_seg", LINK_OUT, output="json")
+    assert status == 404, body[:300]
+    status, _, body = http("DELETE", f"{server.url}/datastore/image?id={LINK_OUT}")
+    assert status == 404, body[:300]
+    assert target.read_bytes() == b"not for clients" and link.is_symlink()
+    # an upload under the link's name replaces the link, it does not write through it
+    nifti = (studies / f"{SUBJECT}.nii.gz").read_bytes()
+    status, _, body = _put_file(server, "/datastore/image", {"image": LINK_OUT}, "file", "x.nii.gz", nifti)
+    assert status == 200, body[:300]
+    assert target.read_bytes() == b"not for clients" and not link.is_symlink() and link.read_bytes() == nifti
+    status, _, _ = http("DELETE", f"{server.url}/datastore/image?id={LINK_OUT}")
+    assert status == 200 and not link.exists() and target.is_file()
+    link.symlink_to(target)  # as it was (module fixtures)
+
+
+def test_bad_requests_get_4xx_with_the_reason_and_no_server_path(server, studies, work):
+    q = urllib.parse.urlencode({"image": "sub-00_T2", "output": "json"})
+    cases = {
+        "not json": (400, "not JSON"),
+        "[1, 2]": (400, "JSON object, got list"),
+        json.dumps({"device": "x"}): (400, "device"),
+        json.dumps({"logging": "LOUD"}): (400, "logging"),
+    }
+    for params, (code, words) in cases.items():
+        form, ctype = multipart_body({"params": (None, params.encode())})
+        status, _, body = http("POST", f"{server.url}/infer/keymorph_align?{q}", form, {"Content-Type": ctype})
+        assert status == code and words in _detail(body), (params, status, body[:300])
+    status, _, body = _infer(server, "no_such_model", "sub-00_T2", output="json")
+    assert status == 404 and "no_such_model" in _detail(body)
+    # training options: checked when the request comes, with the option's range; no training process starts
+    _, before = http_json("GET", f"{server.url}/train/?all=true")
+    for options, words in (
+        ({"max_epochs": 1, "epoch_length": 1_000_000_000}, "epoch_length: expected an integer in [1, 10000]"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"learning_rate": "fast"}, "learning_rate"),
+        ({"rotate_deg": 720}, "rotate_deg"),
+        ({"device": "x"}, "device"),
+        ({"restart_from_shipped": "maybe"}, "restart_from_shipped"),
+    ):
+        start = time.monotonic()
+        status, body = http_json("POST", f"{server.url}/train/keymorph", options, timeout=30)
+        assert status == 422 and words in body["detail"], (options, status, body)
+        assert time.monotonic() - start < 5
+    status, body = http_json("POST", f"{server.url}/train/", {"keymorph": {"epoch_length": 10**9}}, timeout=30)
+    assert status == 422 and "epoch_length" in body["detail"], body
+    status, body = http_json("POST", f"{server.url}/train/keymorph?run_sync=true", {"max_epochs": 1}, timeout=30)
+    assert status == 400 and "run_sync" in body["detail"], body
+    _, after = http_json("GET", f"{server.url}/train/?all=true")
+    assert after == before  # nothing was started
+    # no absolute server path in what a client is told
+    status, _, body = _infer(server, "keymorph_align", str(work / "outside" / "secret.nii.gz"), output="json")
+    assert status == 403
+    for folder in (studies, work / "model", BUNDLE, server.tmp):
+        assert str(folder) not in _detail(body).replace(str(work / "outside" / "secret.nii.gz"), "")
+
+
+def test_the_api_answers_while_inferences_run(server):
+    """Registrations run in a worker thread: ``/info/`` and ``/train/`` answer within 2 s while three queue."""
+    import threading
+
+    results: list[int] = []
+
+    def infer() -> None:
+        results.append(_infer(server, "keymorph_align", "sub-00_T2", output="json")[0])
+
+    threads = [threading.Thread(target=infer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    latencies = []
+    for route in ("/info/", "/train/", "/datastore/", "/info/"):
+        start = time.monotonic()
+        status, _, _ = http("GET", f"{server.url}{route}", timeout=30)
+        latencies.append(time.monotonic() - start)
+        assert status in (200, 404)
+    busy = any(t.is_alive() for t in threads)
+    for t in threads:
+        t.join(timeout=600)
+    print(f"latencies while inferring: {[round(x, 3) for x in latencies]} s")
+    assert busy, "the inferences ended before the API was asked: nothing was measured"
+    assert max(latencies) < 2.0, latencies
+    assert results == [200, 200, 200]
+
+
+def test_a_training_process_has_a_memory_limit(venv):
+    """``limit_memory`` (applied in the training process on the CPU) turns an allocation past the limit into a
+    ``MemoryError`` in that process."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(APP)!r})
+from lib.trainers.keymorph import limit_memory
+import numpy as np
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+limit_memory((size + 512 * 2**20) / 2**30)
+small = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB: within the limit
+try:
+    big = np.ones(2 * 2**30, dtype=np.uint8)
+except MemoryError:
+    print("MemoryError")
+"""
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("MemoryError"), res.stdout + res.stderr
 
 
 def test_training_fine_tunes_from_the_shipped_weights(server, model_dir):

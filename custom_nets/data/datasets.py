@@ -238,11 +238,33 @@ def sample_pairs(
     return pairs
 
 
-def synthetic_pairs(num_pairs: int, seed: int | None = 0) -> list[dict[str, Any]]:
+class UnseededItems(Sequence):
+    """``num_items`` items ``{"seed": None}`` without storing them: a training epoch of any length costs no memory
+    (each access returns a new dict, as transforms may add keys to it)."""
+
+    def __init__(self, num_items: int) -> None:
+        if int(num_items) < 0:
+            raise ValueError(f"expected num_items >= 0, got {num_items}.")
+        self.num_items = int(num_items)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [{"seed": None} for _ in range(*index.indices(self.num_items))]
+        i = int(index)
+        if not -self.num_items <= i < self.num_items:
+            raise IndexError(f"item {index} of {self.num_items}")
+        return {"seed": None}
+
+
+def synthetic_pairs(num_pairs: int, seed: int | None = 0) -> Sequence[dict[str, Any]]:
     """Items for a synthetic pair dataset: ``[{"seed": s_0}, ...]``; ``seed=None`` gives unseeded items (training:
-    a new pair at every access, drawn from the transforms' random state)."""
+    a new pair at every access, drawn from the transforms' random state), as an :class:`UnseededItems` sequence that
+    stores nothing."""
     if seed is None:
-        return [{"seed": None} for _ in range(int(num_pairs))]
+        return UnseededItems(num_pairs)
     rng = np.random.default_rng([int(seed), 2])
     return [{"seed": int(s)} for s in rng.integers(2**31, size=int(num_pairs))]
 
@@ -357,7 +379,8 @@ def build_pair_dataset(
             RandFieldOfViewCutd(("fixed_image", "fixed_label"), "fixed_fov", salt=1, **cut),
             RandFieldOfViewCutd(("moving_image", "moving_label", "moving_image_alt"), "moving_fov", salt=2, **cut),
         ]
-    return Dataset([dict(i) for i in items], transform=Compose(transforms))
+    data = items if isinstance(items, UnseededItems) else [dict(i) for i in items]
+    return Dataset(data, transform=Compose(transforms))
 
 
 def inference_pairs(
