@@ -654,7 +654,7 @@ def test_session_archives_that_reach_outside_are_refused(server, demo, work):
         info = tarfile.TarInfo("sub-01_T1.nii.gz")
         info.size = len(content)
         t.addfile(info, io.BytesIO(content))
-    status, _, body = _put_file(server, "/session/", {"uncompress": "true"}, "files", "ok.tar", buf.getvalue())
+    status, _, body = _put_file(server, "/session/", {"uncompress": "true"}, "files", "ok.bin", buf.getvalue())
     assert status == 200, body[:300]
     sid = json.loads(body)["session_id"]
     assert (work / "sessions" / sid).is_dir()
@@ -724,6 +724,68 @@ def test_bad_requests_get_4xx_with_the_reason_and_no_server_path(server, studies
     assert status == 403
     for folder in (studies, work / "model", BUNDLE, server.tmp):
         assert str(folder) not in _detail(body).replace(str(work / "outside" / "secret.nii.gz"), "")
+
+
+def test_no_client_value_reaches_a_child_process_or_the_weights(server, demo, work):
+    """MONAI Label puts a request's ``bundle_path`` on the PYTHONPATH of the training / scoring / batch process: an
+    uploaded ``sitecustomize.py`` would run there. Weights cannot be replaced or deleted over HTTP; whole-slide and
+    ``run_sync`` routes, ``skip_writer``, bad upload names and params are refused; nothing is left in the server's
+    temporary folder."""
+    marker = work / "child_ran_client_code"
+    code = f"open({str(marker)!r}, 'w').write('x')\n".encode()
+    status, _, body = _put_file(server, "/session/", {}, "files", "sitecustomize.py", code)
+    assert status == 200, body[:300]
+    folder = json.loads(body)["session_info"]["path"]
+    status, body = http_json("POST", f"{server.url}/train/keymorph", {"max_epochs": 1, "bundle_path": folder})
+    assert status == 422 and "bundle_path" in body["detail"], body
+    status, task = http_json("POST", f"{server.url}/scoring/no_such_method", {"bundle_path": folder})
+    assert status == 200, task
+    deadline = time.time() + 300
+    while time.time() < deadline:  # the scoring process starts (and fails: no such method), without the upload
+        _, task = http_json("GET", f"{server.url}/scoring/")
+        if task and task.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(1)
+    assert task["status"] in ("DONE", "ERROR"), task
+    assert not marker.exists(), "a child process imported the client's sitecustomize.py"
+    assert "bundle_path" not in task["request"], task
+    shipped = {p: p.read_bytes() for p in (BUNDLE / "models").glob("*.pt")}
+    for method in ("PUT", "DELETE"):
+        for model in ("keymorph_atlas_seg", "keymorph_brain_mask"):
+            if method == "PUT":
+                status, _, body = _put_file(server, f"/model/{model}", {}, "file", "model.pt", b"junk")
+            else:
+                status, _, body = http(method, f"{server.url}/model/{model}")
+            assert status == 403, (method, model, status, body[:300])
+    assert {p: p.read_bytes() for p in (BUNDLE / "models").glob("*.pt")} == shipped
+    for route in ("/infer/wsi/keymorph_atlas_seg", "/infer/wsi_v2/keymorph_atlas_seg"):
+        status, _, _ = http("POST", f"{server.url}{route}?image={SUBJECT}")
+        assert status == 404
+    for route in ("/batch/infer/keymorph_atlas_seg", "/scoring/", "/scoring/dice"):
+        status, body = http_json("POST", f"{server.url}{route}?run_sync=true", {})
+        assert status == 400 and "run_sync" in body["detail"], (route, body)
+    form, ctype = multipart_body({"params": (None, json.dumps({"skip_writer": True}).encode())})
+    q = urllib.parse.urlencode({"image": "sub-00_T2", "output": "json"})
+    status, _, body = http("POST", f"{server.url}/infer/keymorph_atlas_seg?{q}", form, {"Content-Type": ctype})
+    assert status == 400 and "skip_writer" in _detail(body)
+    before = _leftovers(server)
+    nifti = (demo / "sub-00_T1.nii.gz").read_bytes()
+    refused = [
+        (_put_file(server, "/datastore/image", {"image": "up"}, "file", "x.NII.GZ", nifti), 415),
+        (_put_file(server, "/datastore/image", {"image": "u" * 300}, "file", "x.nii.gz", nifti), 400),
+        (_put_file(server, "/session/", {}, "files", "..", nifti), 400),
+    ]
+    form, ctype = multipart_body({"params": (None, b"not json"), "file": ("x.nii.gz", nifti)})
+    refused.append((http("PUT", f"{server.url}/datastore/image?image=up", form, {"Content-Type": ctype}), 400))
+    for (status, _, body), code in refused:
+        assert status == code, (status, body[:300])
+    assert _leftovers(server) == before
+    status, _, body = http("GET", f"{server.url}/datastore/dataset")
+    assert status in (200, 404), body[:300]  # no labels yet: 404, not MONAI Label's AssertionError 500
+    deadline = time.time() + 10  # a sent archive is removed after the response
+    while _leftovers(server) != before and time.time() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(server) == before
 
 
 def test_the_api_answers_while_inferences_run(server):

@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
 from typing import Any
 
@@ -36,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ConfinedDatastore", "ConfinedSessions", "check_name", "is_within"]
 
-#: File name endings the datastore accepts for uploaded images and labels.
+#: File name endings the datastore accepts for uploaded images and labels (exactly these, lower case).
 UPLOAD_SUFFIXES = (".nii.gz", ".nii")
+#: Longest id, tag or session id accepted (file names stay under the usual 255-byte limit).
+MAX_NAME = 200
 
 
 def is_within(path: str, folder: str) -> bool:
@@ -59,10 +62,11 @@ def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise HTTPException(status_code=400, detail=f"{what}: expected a non-empty name, got {value!r}.")
     bad = [c for c in value if c in "/\\" or ord(c) < 32 or ord(c) == 127]
-    if bad or value in (".", ".."):
+    if bad or value in (".", "..") or len(value) > MAX_NAME:
         raise HTTPException(
             status_code=400,
-            detail=f"{what} {value!r}: expected a plain name (no '/', '\\', '..', or control characters).",
+            detail=f"{what} {value[:80]!r}: expected a plain name of at most {MAX_NAME} characters (no '/', '\\', "
+            "'..', or control characters).",
         )
     return value
 
@@ -77,9 +81,8 @@ def _remove_quietly(path: str | None) -> None:
 
 def _upload_suffix(filename: str, what: str) -> str:
     """The NIfTI ending of an upload (MONAI Label's temporary copy keeps the client's file ending); else HTTP 415."""
-    lower = filename.lower()
     for suffix in UPLOAD_SUFFIXES:
-        if lower.endswith(suffix):
+        if filename.endswith(suffix):
             return suffix
     ending = "".join(pathlib.Path(filename).suffixes) or "no file ending"
     raise HTTPException(
@@ -103,9 +106,11 @@ class ConfinedDatastore(LocalDatastore):
         label = self._datastore.label(label_id, label_tag)
         return os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)) if label else ""
 
-    @staticmethod
-    def _remove_entry(path: str) -> None:
-        """Remove a datastore entry: a link itself (never its target), or a regular file."""
+    def _remove_entry(self, path: str) -> None:
+        """Remove a datastore entry: a link itself (never its target), or a regular file, in a folder of the
+        datastore (a tag folder swapped for a link to elsewhere is left alone)."""
+        if not path or not self._inside(os.path.dirname(path)):
+            return
         if os.path.islink(path) or os.path.isfile(path):
             os.unlink(path)
 
@@ -131,6 +136,14 @@ class ConfinedDatastore(LocalDatastore):
         return invalidate
 
     # -- reads -------------------------------------------------------------------------------------------------------
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Image / label pairs for training, without any file that resolves outside the studies folder (checked now,
+        not at the last refresh: also what ``GET /datastore/dataset`` zips)."""
+        full = super().datalist(True)
+        keep = [all(self._inside(str(v)) for v in d.values()) for d in full]
+        items = full if full_path else super().datalist(False)
+        return [d for d, k in zip(items, keep) if k]
+
     def get_image_uri(self, image_id: str) -> str:
         check_name(image_id, "image id")
         link = self._image_link(image_id)
@@ -229,28 +242,32 @@ class ConfinedDatastore(LocalDatastore):
         return super().update_label_info(label_id, label_tag, info)
 
 
-def _check_archive(archive: str) -> None:
-    """HTTP 400 unless every member of the tar or zip ``archive`` is a regular file or folder with a relative name
-    that stays inside the folder it is unpacked into."""
+def _check_member(member: str, kind_ok: bool) -> None:
+    parts = member.replace("\\", "/").split("/")
+    if not kind_ok or member.startswith(("/", "\\")) or ".." in parts or (len(member) > 1 and member[1] == ":"):
+        raise HTTPException(
+            status_code=400,
+            detail=f"session archive: member {member!r} would land outside the session folder or is not a regular "
+            "file; expected relative names of files and folders only.",
+        )
 
-    def check(member: str, kind_ok: bool) -> None:
-        parts = member.replace("\\", "/").split("/")
-        if not kind_ok or member.startswith(("/", "\\")) or ".." in parts or (len(member) > 1 and member[1] == ":"):
-            raise HTTPException(
-                status_code=400,
-                detail=f"session archive: member {member!r} would land outside the session folder or is not a "
-                "regular file; expected relative names of files and folders only.",
-            )
 
+def unpack_archive(archive: str, folder: str) -> None:
+    """Unpack the tar or zip ``archive`` into ``folder`` after checking every member (HTTP 400 unless each is a
+    regular file or folder with a relative name that stays inside); tar members go through the ``data`` filter (no
+    special modes or owners)."""
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
-            for m in tar.getmembers():
-                check(m.name, m.isfile() or m.isdir())
+            members = tar.getmembers()
+            for m in members:
+                _check_member(m.name, m.isfile() or m.isdir())
+            tar.extractall(folder, members=members, filter="data")
     elif zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 mode = (info.external_attr >> 16) & 0o170000
-                check(info.filename, mode in (0, 0o100000, 0o040000))  # unknown, regular file, folder
+                _check_member(info.filename, mode in (0, 0o100000, 0o040000))  # unknown, regular file, folder
+            zf.extractall(folder)
     else:
         raise HTTPException(status_code=400, detail="session archive: expected a tar or zip file (uncompress=true).")
 
@@ -267,17 +284,52 @@ class ConfinedSessions(Sessions):
         return super().remove_session(session_id)
 
     def add_session(self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id=None):
-        """Store an upload as a new session; an archive is checked member by member first. On refusal the upload
-        (MONAI Label's temporary file and its temporary folder) is removed."""
+        """Store an upload as a new session; an archive is checked member by member and unpacked here (not by
+        ``shutil.unpack_archive``, which goes by the file name's ending and keeps modes). On refusal or failure the
+        upload (MONAI Label's temporary file and its temporary folder) is removed."""
+        unpacked = None
         try:
             if session_id is not None:
                 check_name(session_id, "session id")
             if uncompress and not os.path.isdir(data_file):
-                _check_archive(data_file)
+                unpacked = tempfile.mkdtemp(prefix="keymorph_session_")
+                unpack_archive(data_file, unpacked)
+                self._discard_upload(data_file)
+                data_file, uncompress = unpacked, False
+            return super().add_session(data_file, expiry, uncompress, session_id)
         except HTTPException:
             self._discard_upload(data_file)
             raise
-        return super().add_session(data_file, expiry, uncompress, session_id)
+        except OSError as err:
+            self._discard_upload(data_file)
+            raise HTTPException(
+                status_code=400, detail=f"session upload: cannot be stored ({type(err).__name__})."
+            ) from err
+        finally:
+            if unpacked is not None and os.path.isdir(unpacked):
+                shutil.rmtree(unpacked, ignore_errors=True)
+
+    def remove_expired(self) -> int:
+        """MONAI Label's cleanup, skipping (and removing) session folders without a readable record instead of
+        failing on them."""
+        count = 0
+        if not os.path.isdir(self.store_path):
+            return count
+        now = int(time.time())
+        for item in os.listdir(self.store_path):
+            if not os.path.isdir(os.path.join(self.store_path, item)):
+                continue
+            try:
+                info = self.get_session(item, update_ts=False, fetch_cache=False)
+            except Exception:  # an unreadable record
+                info = None
+            if info is None:
+                super().remove_session(item)
+                count += 1
+            elif info.expiry > 0 and info.last_access_ts + info.expiry < now:
+                super().remove_session(item)
+                count += 1
+        return count
 
     @staticmethod
     def _discard_upload(data_file: str) -> None:

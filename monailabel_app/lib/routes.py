@@ -30,23 +30,41 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.background import BackgroundTasks
-from monailabel.config import RBAC_ADMIN, RBAC_USER, settings
+from fastapi.responses import FileResponse
+from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
+from monailabel.endpoints import batch_infer as stock_batch
+from monailabel.endpoints import datastore as stock_datastore
 from monailabel.endpoints import infer as stock_infer
+from monailabel.endpoints import scoring as stock_scoring
+from monailabel.endpoints import session as stock_session
 from monailabel.endpoints import train as stock_train
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from starlette.concurrency import run_in_threadpool
+
+from lib.guard import UPLOAD_SUFFIXES, check_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_device", "install_routes", "parse_params", "redact"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Infer params refused: ``skip_writer`` returns MONAI Label's data dict (server paths) and leaves the result file.
+_REFUSED_PARAMS = ("skip_writer",)
+#: Request keys never passed to a background process: MONAI Label adds ``bundle_path`` to the child's PYTHONPATH.
+_BACKGROUND_DROP = ("bundle_path",)
 # FastAPI parameter declarations (module-level, as the route signatures use them as defaults)
 _PARAMS_FORM = Form("{}")
+# (one FastAPI field object per parameter name: a field object shared by two names takes one of them)
 _NO_FILE = File(None)
+_NO_LABEL = File(None)
+_FILE = File(...)
+_LABEL = File(...)
+_FILES = File(...)
 _AS_USER = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+_AS_ANNOTATOR = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
 _AS_ADMIN = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 
 
@@ -102,6 +120,9 @@ def parse_params(params: str | None) -> dict[str, Any]:
             check_device(parsed["device"], "params device")
         except ValueError as err:
             raise HTTPException(status_code=400, detail=str(err)) from err
+    for key in _REFUSED_PARAMS:
+        if key in parsed:
+            raise HTTPException(status_code=400, detail=f"params {key}: not accepted by this server.")
     level = parsed.get("logging")
     if level is not None and (not isinstance(level, str) or level.upper() not in _LOG_LEVELS):
         raise HTTPException(status_code=400, detail=f"params logging: expected one of {_LOG_LEVELS}, got {level!r}.")
@@ -159,7 +180,7 @@ def install_routes(fastapi_app: Any, infer_workers: int = 1) -> None:
         session_id: str = "",
         params: str = _PARAMS_FORM,
         file: UploadFile = _NO_FILE,
-        label: UploadFile = _NO_FILE,
+        label: UploadFile = _NO_LABEL,
         output: stock_infer.ResultType | None = None,
         user: User = _AS_USER,
     ):
@@ -188,7 +209,7 @@ def install_routes(fastapi_app: Any, infer_workers: int = 1) -> None:
         check = getattr(trainer, "check_options", None)
         if check is not None:
             try:
-                check(options)
+                check(options, strict=True)
             except ValueError as err:
                 raise HTTPException(status_code=422, detail=f"train {model}: {err}") from err
 
@@ -229,10 +250,162 @@ def install_routes(fastapi_app: Any, infer_workers: int = 1) -> None:
             check_training(model, {**own, **top})
         return _safe_call("training", lambda: stock_train.run(params, False))
 
+    @router.post("/batch/infer/{model}", summary=f"{RBAC_ADMIN}Run Batch Inference Task")
+    async def api_batch_infer(
+        model: str,
+        images: stock_batch.BatchInferImageType | None = stock_batch.BatchInferImageType.IMAGES_ALL,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        user: User = _AS_ADMIN,
+    ):
+        refuse_sync(run_sync)
+        if params is not None:
+            parse_params(json.dumps(params))
+        return _safe_call("batch inference", lambda: stock_batch.run(model, images, params, False))
+
+    @router.post("/scoring/", summary=f"{RBAC_ANNOTATOR}Run All Scoring Tasks", include_in_schema=False)
+    async def api_scoring(params: dict | None = None, run_sync: bool | None = False, user: User = _AS_ANNOTATOR):
+        refuse_sync(run_sync)
+        return _safe_call("scoring", lambda: stock_scoring.run(params, False))
+
+    @router.post("/scoring/{method}", summary=f"{RBAC_ANNOTATOR}Run Scoring Task for specific method")
+    async def api_scoring_method(
+        method: str, params: dict | None = None, run_sync: bool | None = False, user: User = _AS_ANNOTATOR
+    ):
+        refuse_sync(run_sync)
+        return _safe_call("scoring", lambda: stock_scoring.run_method(method, params, False))
+
+    @router.put("/model/{model}", summary="Refused: the app manages its weights", include_in_schema=False)
+    @router.delete("/model/{model}", summary="Refused: the app manages its weights", include_in_schema=False)
+    async def api_model_files(model: str, user: User = _AS_ADMIN):
+        raise HTTPException(
+            status_code=403,
+            detail="model files are the app's (shipped, SHA-256 checked, or published by fine-tuning); "
+            "fine-tune with POST /train/keymorph.",
+        )
+
+    @router.post("/infer/wsi/{model}", include_in_schema=False)
+    @router.post("/infer/wsi_v2/{model}", include_in_schema=False)
+    async def api_wsi(model: str, user: User = _AS_USER):
+        raise HTTPException(status_code=404, detail="no whole-slide models: this app registers 3D brain MRI.")
+
+    @router.put("/datastore/image", summary=f"{RBAC_ANNOTATOR}Upload new Image")
+    async def api_add_image(
+        background_tasks: BackgroundTasks,
+        image: str | None = None,
+        params: str = _PARAMS_FORM,
+        file: UploadFile = _FILE,
+        user: User = _AS_ANNOTATOR,
+    ):
+        info = _json_object(params, "params")
+        if image is not None:
+            check_name(image, "image id")
+        _check_upload_name(file.filename, "file")
+        return _safe_call(
+            "image upload",
+            lambda: stock_datastore.add_image(background_tasks, image, json.dumps(info), file, user.username),
+        )
+
+    @router.put("/datastore/label", summary=f"{RBAC_ANNOTATOR}Save Finished Label")
+    async def api_save_label(
+        background_tasks: BackgroundTasks,
+        image: str,
+        params: str = _PARAMS_FORM,
+        tag: str = DefaultLabelTag.FINAL.value,
+        label: UploadFile = _LABEL,
+        user: User = _AS_ANNOTATOR,
+    ):
+        info = _json_object(params, "params")
+        check_name(image, "image id")
+        check_name(tag or DefaultLabelTag.FINAL.value, "label tag")
+        _check_upload_name(label.filename, "label")
+        return _safe_call(
+            "label upload",
+            lambda: stock_datastore.save_label(background_tasks, image, json.dumps(info), tag, label, user.username),
+        )
+
+    @router.get("/datastore/dataset", summary=f"{RBAC_ANNOTATOR}Download full dataset as ZIP archive")
+    async def api_download_dataset(
+        background_tasks: BackgroundTasks, limit_cases: int | None = None, user: User = _AS_ANNOTATOR
+    ):
+        def archive() -> str:
+            try:
+                return app_instance().datastore().get_dataset_archive(limit_cases)
+            except AssertionError as err:  # MONAI Label's way of saying "nothing to include"
+                raise HTTPException(status_code=404, detail="no labelled images to archive.") from err
+
+        path = await run_in_threadpool(_safe_call, "dataset archive", archive)
+        background_tasks.add_task(os.remove, path)
+        return FileResponse(path, media_type="application/zip", filename="dataset.zip")
+
+    @router.put("/session/", summary=f"{RBAC_USER}Create new session with Image")
+    async def api_create_session(
+        background_tasks: BackgroundTasks,
+        uncompress: bool = False,
+        expiry: int = 0,
+        files: list[UploadFile] = _FILES,
+        user: User = _AS_USER,
+    ):
+        for f in files:
+            if f.filename:
+                check_name(os.path.basename(f.filename.replace("\\", "/")), "uploaded file name")
+        return await run_in_threadpool(
+            _safe_call,
+            "session upload",
+            lambda: stock_session.create_session(background_tasks, uncompress, expiry, files),
+        )
+
+    before = list(fastapi_app.router.routes)
     fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
-    added = fastapi_app.router.routes[-len(router.routes) :]
-    del fastapi_app.router.routes[-len(router.routes) :]
-    fastapi_app.router.routes[0:0] = added  # the first matching route serves a request: ours, before the stock ones
+    added = [r for r in fastapi_app.router.routes if not any(r is b for b in before)]
+    fastapi_app.router.routes[:] = added + before  # the first matching route serves a request: ours come first
     fastapi_app.openapi_schema = None
+    _drop_background_keys()
     fastapi_app.state.keymorph_routes = True
     logger.info("KeyMorph routes: infer in worker threads (%d at a time), checked train options", infer_workers)
+
+
+def _json_object(text: str | None, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise HTTPException(
+            status_code=400, detail=f"{what}: expected a JSON object, got text that is not JSON."
+        ) from err
+    if not isinstance(value, dict):
+        raise HTTPException(status_code=400, detail=f"{what}: expected a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _check_upload_name(filename: str | None, what: str) -> None:
+    """An upload's file name must end like a NIfTI file (exactly ``.nii.gz`` / ``.nii``): MONAI Label names its
+    temporary copy, and then the datastore file, after that ending."""
+    if not filename or not filename.endswith(UPLOAD_SUFFIXES):
+        raise HTTPException(
+            status_code=415, detail=f"{what}: expected a NIfTI file ({' or '.join(UPLOAD_SUFFIXES)}), got {filename!r}."
+        )
+
+
+def _drop_background_keys() -> None:
+    """Make MONAI Label's background tasks (training, batch inference, scoring) drop request keys that change how the
+    child process starts (``bundle_path`` goes onto its PYTHONPATH: a client could make it import an uploaded file)
+    and accept ``gpus`` only as ``all`` or a list of GPU indices."""
+    from monailabel.utils.async_tasks import task as async_task
+
+    stock = async_task.run_background_task
+    if getattr(stock, "keymorph_safe", False):
+        return
+
+    def run_background_task(request: dict[str, Any], method: str, *args: Any, **kwargs: Any) -> Any:
+        for key in _BACKGROUND_DROP:
+            if request.pop(key, None) is not None:
+                logger.warning("%s request: dropped %r (not accepted from clients)", method, key)
+        gpus = str(request.get("gpus", "all") or "all")
+        if gpus != "all" and not all(part.strip().isdigit() for part in gpus.split(",")):
+            raise HTTPException(
+                status_code=400, detail=f"gpus: expected 'all' or GPU indices like '0,1', got {gpus!r}."
+            )
+        return stock(request, method, *args, **kwargs)
+
+    run_background_task.keymorph_safe = True  # type: ignore[attr-defined]
+    async_task.run_background_task = run_background_task

@@ -73,12 +73,22 @@ class KeyMorphFineTune(TrainTask):
         self.weights = weights
         self.memory_limit_gb = memory_limit_gb
 
-    def check_options(self, request: dict[str, Any]) -> dict[str, Any]:
+    def check_options(self, request: dict[str, Any], strict: bool = False) -> dict[str, Any]:
         """The run's options (defaults, then ``request``) as typed values.
 
+        Args:
+            request: the request's options.
+            strict: also refuse keys that are not options (a client's request; MONAI Label adds its own keys to the
+                request the training process gets).
+
         Raises:
-            ValueError: an option out of its range or of the wrong type, named with its allowed range.
+            ValueError: an option out of its range or of the wrong type, named with its allowed range; with
+                ``strict``, an unknown key.
         """
+        if strict:
+            unknown = sorted(set(request) - set(self.config()) - {"model", "gpus"})
+            if unknown:
+                raise ValueError(f"unknown options {unknown}; expected some of {sorted(self.config())}.")
         opts = {**self.config(), **request}
         out: dict[str, Any] = {}
         for name, (kind, low, high) in OPTION_RANGES.items():
