@@ -277,10 +277,10 @@ def load_brain_extractor(
 
     Raises:
         FileNotFoundError: no weights file.
-        custom_nets.handlers.WeightsIntegrityError: the file's SHA-256 differs from the recorded one, the shipped
+        custom_nets.checkpoints.WeightsIntegrityError: the file's SHA-256 differs from the recorded one, the shipped
             weights have no recorded SHA-256, or the file is not weights of this network (the message names the file).
     """
-    from .handlers import VerifiedCheckpointLoader, WeightsIntegrityError, expected_sha256
+    from .checkpoints import VerifiedCheckpointLoader, WeightsIntegrityError, expected_sha256
 
     path = Path(weights) if weights is not None else DEFAULT_BRAIN_EXTRACTOR_WEIGHTS
     listing = Path(large_files) if large_files is not None else path.resolve().parents[1] / "large_files.yml"
@@ -308,7 +308,7 @@ def write_brain_mask(net: nn.Module, image_path: str | os.PathLike, out_path: st
         ValueError / FileNotFoundError: the image cannot be read (naming the file), or its mask is empty.
     """
     from .data.transforms import LoadVolumed
-    from .handlers import _load_volume, _save_like
+    from .volumes import load_volume, save_like
 
     img = LoadVolumed(["image"])({"image": str(image_path)})["image"]
     affine = torch.as_tensor(img.affine, dtype=torch.float64)
@@ -316,7 +316,7 @@ def write_brain_mask(net: nn.Module, image_path: str | os.PathLike, out_path: st
         mask = extract_brain_mask(net, img.as_tensor().float(), affine)[0]
     if not bool(mask.any()):
         raise ValueError(f"{image_path}: the brain extractor found no brain in the image.")
-    like = _load_volume(str(image_path))  # the header the outputs keep (MONAI reads the same grid)
-    _save_like(mask.numpy(), like, str(out_path), np.uint8)
+    like = load_volume(str(image_path))  # the header the outputs keep (MONAI reads the same grid)
+    save_like(mask.numpy(), like, str(out_path), np.uint8)
     voxel_ml = float(abs(torch.linalg.det(affine[:3, :3]))) / 1000.0
     return {"brain_voxels": int(mask.sum()), "brain_volume_ml": round(float(mask.sum()) * voxel_ml, 1)}

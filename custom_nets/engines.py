@@ -13,7 +13,7 @@ DistributedDataParallel, events and handlers all work unchanged) through three p
 Batch inference isolates failures in the same stock engine: :class:`~custom_nets.data.FailSafeDataset` turns a pair
 that cannot be loaded into a failure record, :class:`KeyMorphPrepareBatch` passes such records through (and a batch
 with nothing left to register as ``None`` inputs), :class:`FailSafeInferer` turns a pair the network cannot register
-(or registers to NaN) into a :class:`RegistrationFailure`, and :class:`~custom_nets.handlers.RegistrationWriter`
+(or registers to NaN) into a :class:`RegistrationFailure`, and :class:`~custom_nets.writer.RegistrationWriter`
 records every failure and writes the others.
 """
 

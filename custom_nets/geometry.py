@@ -23,9 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .fits import ThinPlateSpline
 
 __all__ = [
     "PointTransform",
@@ -42,6 +47,7 @@ __all__ = [
     "world_transform_to_voxel",
     "sample_at_voxels",
     "resample",
+    "resample_to_image",
     "LPS_FROM_RAS",
 ]
 
@@ -243,3 +249,40 @@ def resample(
             out.append(voxel_to_normalized(vox_mov, moving.shape[2:]).to(moving.dtype))
         grid = torch.cat(out, dim=1).reshape(batch, *fixed_shape, 3)
     return F.grid_sample(moving, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def resample_to_image(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    fixed_shape: Sequence[int],
+    fixed_affine: np.ndarray,
+    fixed_to_moving: torch.Tensor | ThinPlateSpline,
+    mode: str = "bilinear",
+    device: torch.device | str = "cpu",
+    max_voxels: int = 2**22,
+) -> np.ndarray:
+    """Resample a full-resolution moving volume onto a fixed grid, slab by slab (bounded memory).
+
+    Args:
+        moving: ``(I, J, K)`` moving voxels; ``moving_affine``: its ``(4, 4)`` voxel-to-world affine (RAS mm).
+        fixed_shape: ``(I', J', K')`` of the output grid; ``fixed_affine``: its ``(4, 4)`` voxel-to-world affine.
+        fixed_to_moving: ``(1, 4, 4)`` world matrix or a one-item spline (fixed point -> moving point).
+        mode: ``bilinear`` or ``nearest`` (labels); zeros outside the moving field of view.
+        device: where the resampling runs.
+        max_voxels: output voxels per slab.
+
+    Returns:
+        ``(I', J', K')`` float32 array.
+    """
+    mov = torch.as_tensor(np.asarray(moving, dtype=np.float32), device=device)[None, None]
+    a_m = torch.as_tensor(moving_affine, dtype=torch.float64, device=device)
+    a_f = torch.as_tensor(fixed_affine, dtype=torch.float64, device=device)
+    slab = max(1, max_voxels // max(1, int(np.prod(fixed_shape[1:]))))
+    out = np.empty(tuple(int(n) for n in fixed_shape), dtype=np.float32)
+    for i0 in range(0, int(fixed_shape[0]), slab):
+        i1 = min(int(fixed_shape[0]), i0 + slab)
+        shift = torch.eye(4, dtype=torch.float64, device=device)
+        shift[0, 3] = i0
+        part = resample(mov, fixed_to_moving, (i1 - i0, *fixed_shape[1:]), a_f @ shift, a_m, mode=mode)
+        out[i0:i1] = part[0, 0].cpu().numpy()
+    return out

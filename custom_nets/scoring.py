@@ -13,7 +13,7 @@ import torch
 from .data.datasets import load_pair_list
 from .engines import SUCCESS_MM, transform_error_mm
 from .fits import ThinPlateSpline, fit_tps
-from .handlers import output_stem
+from .volumes import output_stem
 
 __all__ = ["score_results", "format_scores", "result_transform", "summary_markdown"]
 

@@ -216,7 +216,7 @@ class WeightStore:
     def shipped(self) -> Weights:
         """The bundle's ``models/model.pt`` with the SHA-256 its ``large_files.yml`` records (``None`` if unlisted):
         the digest the loader checks the file against before every registration."""
-        from custom_nets.handlers import expected_sha256
+        from custom_nets.checkpoints import expected_sha256
 
         path = self.bundle_dir / "models" / "model.pt"
         return Weights(path, expected_sha256(path, self.bundle_dir / "large_files.yml"), "shipped", "models/model.pt")
@@ -252,9 +252,9 @@ def verify_weights(weights: Weights, bundle_dir: str | os.PathLike) -> str:
     ``large_files.yml``).
 
     Raises:
-        custom_nets.handlers.WeightsIntegrityError: no recorded digest, or a mismatch.
+        custom_nets.checkpoints.WeightsIntegrityError: no recorded digest, or a mismatch.
     """
-    from custom_nets.handlers import WeightsIntegrityError, expected_sha256
+    from custom_nets.checkpoints import WeightsIntegrityError, expected_sha256
     from custom_nets.io import sha256_file
 
     expected = weights.sha256 or expected_sha256(weights.path, Path(bundle_dir) / "large_files.yml")
@@ -366,7 +366,8 @@ class BundleRegistration:
         if weights is not None and weights.sha256:  # the digest to check (large_files.yml lacks fine-tuned ones)
             i = _find_item(workflow.parser["handlers"], "VerifiedCheckpointLoader", f"{self.config_file} handlers")
             workflow.parser[f"handlers#{i}#sha256"] = weights.sha256
-        from custom_nets.handlers import RegistrationWriter, WeightsIntegrityError
+        from custom_nets.checkpoints import WeightsIntegrityError
+        from custom_nets.writer import RegistrationWriter
 
         path_before = list(sys.path)
         try:
