@@ -816,6 +816,35 @@ def test_the_api_answers_while_inferences_run(server):
     assert results == [200, 200, 200]
 
 
+def test_a_training_run_out_of_memory_says_so_in_the_train_status(venv, studies, work):
+    """A server whose training processes may use 3 GB (``--conf train_memory_gb 3``; a fine-tuning run needs more):
+    the run fails with MemoryError in its own process (not the kernel's OOM killer elsewhere), and ``GET /train/``
+    says why."""
+    srv = Server(
+        venv,
+        APP,
+        studies,
+        {"model_dir": str(work / "model_lowmem"), "orientation_search": "false", "train_memory_gb": "3"},
+        work / "server_lowmem.log",
+        work,
+    )
+    try:
+        srv.wait_ready()
+        status, task = http_json("POST", f"{srv.url}/train/keymorph", {"max_epochs": 1, "epoch_length": 2})
+        assert status == 200, task
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            _, task = http_json("GET", f"{srv.url}/train/")
+            if task["status"] in ("DONE", "ERROR"):
+                break
+            time.sleep(2)
+        details = "\n".join(task.get("details", []))
+        assert task["status"] == "ERROR", details
+        assert "out of memory (limit 3.0 GB, --conf train_memory_gb)" in details, details
+    finally:
+        srv.stop()
+
+
 def test_a_training_process_has_a_memory_limit(venv):
     """``limit_memory`` (applied in the training process on the CPU) turns an allocation past the limit into a
     ``MemoryError`` in that process."""
