@@ -24,7 +24,7 @@ define check_free_disk
 endef
 
 .PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory \
-	bench-stress bench-stress-quick bench-brainmask calibrate-quality
+	bench-stress bench-stress-quick bench-stress-raw bench-brainmask calibrate-quality
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(call check_free_disk,$(VENV_GB),$(VENV))
@@ -85,6 +85,10 @@ bench-stress: install
 
 bench-stress-quick: install
 	$(PY) benchmarks/bench_stress.py main --mode quick --out_dir bench_stress_quick
+
+# The full mode's 40 raw-head pairs and their brain-only twins alone (to measure a brain-extraction change).
+bench-stress-raw: install
+	$(PY) benchmarks/bench_stress.py main --mode raw --out_dir bench_stress_raw
 
 # The quality verdict's measures on held-out pairs: the bundle's results and transforms of known error
 # (calibration_out/samples.csv, summary.json); the thresholds in custom_nets/quality.py come from it.

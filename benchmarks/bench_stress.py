@@ -3,6 +3,7 @@
     python benchmarks/bench_stress.py main --mode smoke --out_dir bench_stress_smoke   # 4 pairs (the test's)
     python benchmarks/bench_stress.py main --mode quick --out_dir bench_stress_quick   # 34 pairs
     python benchmarks/bench_stress.py main --mode full --out_dir bench_stress          # 340 pairs
+    python benchmarks/bench_stress.py main --mode raw --out_dir bench_stress_raw       # full's 40 raw-head pairs
     python benchmarks/bench_stress.py report --out_dir bench_stress --mode full        # re-score saved runs
 
 Cost, measured on 2 cores shared with other jobs (load about 6): pairs 6-18 s each (thick slices and raw heads the
@@ -135,6 +136,8 @@ MODES: dict[str, dict[str, Any]] = {
     "smoke": {"pairs": (("thick_axial", 0), ("fov_top", 0), ("inter_subject", 0), ("all_corruptions", 0)), "raw": 0},
     "quick": {"per_kind": 2, "raw": 1},
     "full": {"per_kind": 20, "raw": 10},
+    # the full mode's raw-head pairs and their brain-only twins alone (40 pairs): to measure a brain-extraction change
+    "raw": {"pairs": (), "raw": 10},
 }
 VARIANTS = {"keymorph_refine": (), "keymorph": ("--refine", "False")}
 METHODS = (*VARIANTS, "ants")
@@ -739,7 +742,7 @@ def score(pair: dict[str, Any], matrix: Any) -> dict[str, float]:
 
 
 def _stem(path: str) -> str:
-    from custom_nets.handlers import output_stem
+    from custom_nets.volumes import output_stem
 
     return output_stem(path)
 
@@ -1148,7 +1151,8 @@ def main(
     """Build the pairs, run each method in its own process, score, and write the report (see the module docstring).
 
     Args:
-        mode: ``smoke`` (4 pairs), ``quick`` (~34) or ``full`` (340 with the raw heads).
+        mode: ``smoke`` (4 pairs), ``quick`` (~34), ``full`` (340 with the raw heads) or ``raw`` (full's 40 raw-head
+            pairs and their twins).
         out_dir: output folder (pairs, bundle outputs, logs, report).
         methods: comma-separated subset of ``keymorph_refine,keymorph,ants``.
         seed: the pairs are a deterministic function of it (and of the mode).
