@@ -277,6 +277,19 @@ def _brain_points(label_file: Path) -> np.ndarray:
     return vox @ img.affine[:3, :3].T + img.affine[:3, 3]
 
 
+def _wait_task(url: str, route: str, timeout: float = 600) -> dict:
+    """Poll ``GET <route>`` (``/train/``, ``/scoring/``) until the task is DONE or ERROR (or ``timeout`` s); the last
+    status record."""
+    deadline = time.time() + timeout
+    task: dict = {}
+    while time.time() < deadline:
+        _, task = http_json("GET", f"{url}{route}")
+        if task and task.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(1)
+    return task
+
+
 def _infer(server: Server, model: str, image: str, output: str = "all") -> tuple[int, dict, bytes]:
     q = urllib.parse.urlencode({"image": image, "output": output})
     return http("POST", f"{server.url}/infer/{model}?{q}")
@@ -740,12 +753,7 @@ def test_no_client_value_reaches_a_child_process_or_the_weights(server, demo, wo
     assert status == 422 and "bundle_path" in body["detail"], body
     status, task = http_json("POST", f"{server.url}/scoring/no_such_method", {"bundle_path": folder})
     assert status == 200, task
-    deadline = time.time() + 300
-    while time.time() < deadline:  # the scoring process starts (and fails: no such method), without the upload
-        _, task = http_json("GET", f"{server.url}/scoring/")
-        if task and task.get("status") in ("DONE", "ERROR"):
-            break
-        time.sleep(1)
+    task = _wait_task(server.url, "/scoring/", 300)  # the scoring process starts (and fails: no such method)
     assert task["status"] in ("DONE", "ERROR"), task
     assert not marker.exists(), "a child process imported the client's sitecustomize.py"
     assert "bundle_path" not in task["request"], task
@@ -832,12 +840,7 @@ def test_a_training_run_out_of_memory_says_so_in_the_train_status(venv, studies,
         srv.wait_ready()
         status, task = http_json("POST", f"{srv.url}/train/keymorph", {"max_epochs": 1, "epoch_length": 2})
         assert status == 200, task
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            _, task = http_json("GET", f"{srv.url}/train/")
-            if task["status"] in ("DONE", "ERROR"):
-                break
-            time.sleep(2)
+        task = _wait_task(srv.url, "/train/")
         details = "\n".join(task.get("details", []))
         assert task["status"] == "ERROR", details
         assert "out of memory (limit 3.0 GB, --conf train_memory_gb)" in details, details
@@ -868,12 +871,7 @@ except MemoryError:
 def test_training_fine_tunes_from_the_shipped_weights(server, model_dir):
     status, task = http_json("POST", f"{server.url}/train/keymorph", {"max_epochs": 1, "epoch_length": 2})
     assert status == 200, task
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status, task = http_json("GET", f"{server.url}/train/")
-        if task["status"] in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
+    task = _wait_task(server.url, "/train/")
     assert task["status"] == "DONE", "\n".join(task.get("details", [])) + "\n" + server.tail()
     record = json.loads((model_dir / "finetuned.json").read_text())
     shipped_sha = expected_sha256(BUNDLE / "models/model.pt", BUNDLE / "large_files.yml")

@@ -79,7 +79,7 @@ def _remove_quietly(path: str | None) -> None:
             pass
 
 
-def _upload_suffix(filename: str, what: str) -> str:
+def upload_suffix(filename: str, what: str) -> str:
     """The NIfTI ending of an upload (MONAI Label's temporary copy keeps the client's file ending); else HTTP 415."""
     for suffix in UPLOAD_SUFFIXES:
         if filename.endswith(suffix):
@@ -178,7 +178,7 @@ class ConfinedDatastore(LocalDatastore):
         """Copy an uploaded NIfTI image in as ``image_id`` (a plain name; default: the file's stem). A refused upload's
         file (MONAI Label's temporary copy) is removed."""
         try:
-            suffix = _upload_suffix(image_filename, "image upload")
+            suffix = upload_suffix(image_filename, "image upload")
             if not image_id:
                 image_id = os.path.basename(image_filename)[: -len(suffix)]
             check_name(image_id, "image id")
@@ -195,7 +195,7 @@ class ConfinedDatastore(LocalDatastore):
         try:
             check_name(image_id, "image id")
             check_name(label_tag, "label tag")
-            suffix = _upload_suffix(label_filename, "label upload")
+            suffix = upload_suffix(label_filename, "label upload")
             if not self.get_image_uri(image_id):
                 raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore.")
             dest = os.path.join(self._datastore.label_path(label_tag), image_id + suffix)

@@ -44,7 +44,7 @@ from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from starlette.concurrency import run_in_threadpool
 
-from lib.guard import UPLOAD_SUFFIXES, check_name
+from lib.guard import check_name, upload_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +107,7 @@ def check_device(value: Any, what: str = "device") -> None:
 def parse_params(params: str | None) -> dict[str, Any]:
     """The infer ``params`` form field as a dict, checked; HTTP 400 for text that is not a JSON object, a bad
     ``device`` or ``logging`` level."""
-    try:
-        parsed = json.loads(params) if params else {}
-    except json.JSONDecodeError as err:
-        raise HTTPException(
-            status_code=400, detail=f"params: expected a JSON object, got text that is not JSON ({err})."
-        ) from None
-    if not isinstance(parsed, dict):
-        raise HTTPException(status_code=400, detail=f"params: expected a JSON object, got {type(parsed).__name__}.")
+    parsed = _json_object(params, "params")
     if "device" in parsed:
         try:
             check_device(parsed["device"], "params device")
@@ -300,7 +293,7 @@ def install_routes(fastapi_app: Any, infer_workers: int = 1) -> None:
         info = _json_object(params, "params")
         if image is not None:
             check_name(image, "image id")
-        _check_upload_name(file.filename, "file")
+        upload_suffix(file.filename or "", "file")
         return _safe_call(
             "image upload",
             lambda: stock_datastore.add_image(background_tasks, image, json.dumps(info), file, user.username),
@@ -318,7 +311,7 @@ def install_routes(fastapi_app: Any, infer_workers: int = 1) -> None:
         info = _json_object(params, "params")
         check_name(image, "image id")
         check_name(tag or DefaultLabelTag.FINAL.value, "label tag")
-        _check_upload_name(label.filename, "label")
+        upload_suffix(label.filename or "", "label")
         return _safe_call(
             "label upload",
             lambda: stock_datastore.save_label(background_tasks, image, json.dumps(info), tag, label, user.username),
@@ -375,15 +368,6 @@ def _json_object(text: str | None, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise HTTPException(status_code=400, detail=f"{what}: expected a JSON object, got {type(value).__name__}.")
     return value
-
-
-def _check_upload_name(filename: str | None, what: str) -> None:
-    """An upload's file name must end like a NIfTI file (exactly ``.nii.gz`` / ``.nii``): MONAI Label names its
-    temporary copy, and then the datastore file, after that ending."""
-    if not filename or not filename.endswith(UPLOAD_SUFFIXES):
-        raise HTTPException(
-            status_code=415, detail=f"{what}: expected a NIfTI file ({' or '.join(UPLOAD_SUFFIXES)}), got {filename!r}."
-        )
 
 
 def _drop_background_keys() -> None:

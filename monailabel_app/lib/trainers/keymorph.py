@@ -92,17 +92,18 @@ class KeyMorphFineTune(TrainTask):
         opts = {**self.config(), **request}
         out: dict[str, Any] = {}
         for name, (kind, low, high) in OPTION_RANGES.items():
-            value, noun = opts[name], "an integer" if kind is int else "a number"
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise ValueError(f"{name}: expected {noun} in [{low:g}, {high:g}], got {value!r}.")
+            value = opts[name]
+            expected = (
+                f"{name}: expected {'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}], got {value!r}."
+            )
             try:
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ValueError
                 number = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}: expected {noun} in [{low:g}, {high:g}], got {value!r}.") from None
-            if kind is int and isinstance(value, float) and value != number:
-                raise ValueError(f"{name}: expected {noun} in [{low:g}, {high:g}], got {value!r}.")
-            if not low <= number <= high:
-                raise ValueError(f"{name}: expected {noun} in [{low:g}, {high:g}], got {value!r}.")
+                if (kind is int and isinstance(value, float) and value != number) or not low <= number <= high:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(expected) from None
             out[name] = number
         out["restart_from_shipped"] = parse_bool(opts["restart_from_shipped"], "restart_from_shipped")
         if request.get("device") is not None:
