@@ -3,6 +3,8 @@
 Coordinate convention: see :mod:`custom_nets.geometry`.
 """
 
+# the submodules the bundle configs reach as attributes of the package (``@custom_nets.data...``)
+from . import brainmask, checkpoints, data, engines, handlers, losses  # noqa: E402, F401, I001
 from .detectors import ConvNetDetector, TruncatedUNetDetector
 from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_affine, fit_rigid, fit_tps, fit_transform
 from .geometry import resample
@@ -12,7 +14,7 @@ from .options import parse_bool
 from .quality import QualityThresholds
 from .refine import AffineRefiner
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AffineRefiner",

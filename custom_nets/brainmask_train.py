@@ -27,6 +27,7 @@ import torch
 from monai.losses import DiceLoss
 
 from .brainmask import BrainExtractor, brain_cube, extract_brain_mask
+from .brainmask import mask_dice as dice
 from .data.augment import rotation_matrix
 from .data.heads import HEAD_CONTRASTS, HeadSynthesizer, brain_mask
 from .data.synth import subject_seed
@@ -112,13 +113,6 @@ def _training_case(synth: HeadSynthesizer, step: int, reuse: int, cache: dict) -
     if rng.random() < 0.25:
         image = image * mask
     return {"image": image, "mask": mask, "affine": torch.from_numpy(synth.affine)}
-
-
-def dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Dice overlap of two binary masks of one shape (1.0 when both are empty)."""
-    a, b = a > 0.5, b > 0.5
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _training_pair(case: dict, pixdim: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,9 @@ brain, for skull-stripped or brain-masked input):
   (``refinement_mm``; 0 when it rejected every update).
 * ``inverse_consistency_mm`` (optional): the mean distance over the fixed foreground between a point and its image
   through the forward registration composed with an independent backward registration.
+* ``mask_agreement`` (where the user gave a brain mask and the brain extractor is at hand): Dice of the given mask
+  with the extractor's, the lower of the two sides (:func:`with_mask_agreement`); a mask of the wrong place steers
+  the similarity to the wrong anatomy while the similarity measures, computed within it, may look fine.
 
 :func:`verdict` turns them into ``ok`` or ``suspect`` with the reasons, against :class:`QualityThresholds` calibrated on
 held-out pairs (figures in the model card). A ``suspect`` registration is not necessarily wrong, and an ``ok`` one is
@@ -24,7 +27,8 @@ not guaranteed right; the calibration says how often each happens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -41,6 +45,7 @@ __all__ = [
     "local_ncc",
     "normalized_mutual_information",
     "verdict",
+    "with_mask_agreement",
 ]
 
 
@@ -68,6 +73,12 @@ class QualityThresholds:
         disagreement_mm: mean distance over the fixed foreground beyond which two candidate results differ.
         min_refinement_mm: a refinement that moved the keypoint fit by less than this (mean, mm) rejected its
             every update: the result is the keypoint affine, a few mm off on average.
+        min_mask_agreement: lowest Dice of a brain mask the user gave with the brain extractor's mask of the same
+            image (``mask_agreement``, the lower of the two sides; measured only where a mask is given and the
+            extractor is at hand). Calibrated by ``benchmarks/bench_brainmask.py`` on 30 held-out synthetic heads
+            (table in the model card): right masks (lowest 0.76) and masks 3 mm too generous stay above it, 1 of 30
+            masks 2 mm too tight falls below; masks moved 40 mm (30 of 30) and masks of another pose of the head
+            (27 of 30) fall below, masks moved 20 mm mostly do not (2 of 30): it catches grossly wrong masks only.
     """
 
     min_nmi: float = 1.0325
@@ -79,6 +90,7 @@ class QualityThresholds:
     ambiguity_margin: float = 0.05
     disagreement_mm: float = 5.0
     min_refinement_mm: float = 1e-3
+    min_mask_agreement: float = 0.70
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> QualityThresholds:
@@ -221,6 +233,7 @@ def verdict(quality: Mapping[str, Any], thresholds: QualityThresholds | None = N
     check("keypoint_residual_mm", t.max_residual_mm, False, "the keypoints do not correspond")
     check("keypoints_used", t.min_keypoints, True, "too few keypoints carry the fit")
     check("inverse_consistency_mm", t.max_inverse_consistency_mm, False, "forward and backward registrations disagree")
+    check("mask_agreement", t.min_mask_agreement, True, "a given brain mask disagrees with the brain extractor's")
     views = quality.get("views") or {}
     if views.get("refinement_mm") is not None and float(views["refinement_mm"]) < t.min_refinement_mm:
         reasons.append(
@@ -233,6 +246,20 @@ def verdict(quality: Mapping[str, Any], thresholds: QualityThresholds | None = N
             "within {margin:.1%}".format(**views)
         )
     return ("suspect" if reasons else "ok"), reasons
+
+
+def with_mask_agreement(quality: Mapping[str, Any], agreements: Sequence[float | None]) -> dict[str, Any]:
+    """``quality`` (a record with its verdict and ``thresholds``) with ``mask_agreement``, the lowest finite value of
+    ``agreements`` (Dice of each user-given brain mask with the extractor's; ``None`` / ``NaN`` where not measured),
+    and its verdict judged again against the same thresholds. Unchanged (a copy) when nothing was measured."""
+    record = dict(quality)
+    values = [float(a) for a in agreements if a is not None and math.isfinite(float(a))]
+    if not values:
+        return record
+    record["mask_agreement"] = min(values)
+    thresholds = QualityThresholds.from_mapping(record.get("thresholds"))
+    record["verdict"], record["reasons"] = verdict(record, thresholds)
+    return record
 
 
 def thresholds_dict(thresholds: QualityThresholds) -> dict[str, float]:

@@ -1,5 +1,9 @@
 """Release tooling: record the weights' URL and SHA-256 in ``large_files.yml`` and pack the bundle zip that
-``python -m monai.bundle download --url ...`` expects (one top-level folder named after the bundle)."""
+``python -m monai.bundle download --url ...`` expects (one top-level folder named after the bundle).
+
+The zip carries this package's code as ``<bundle>/custom_nets/``: ``ConfigWorkflow.run`` puts the bundle root on
+``sys.path``, and the configs import the package when they run (``"custom_nets": "$importlib.import_module(...)"``,
+``_target_`` paths), so a downloaded bundle runs in a venv that has only the packages ``metadata.json`` names."""
 
 from __future__ import annotations
 
@@ -8,12 +12,16 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from .io import atomic_write, sha256_file
 
 __all__ = ["write_large_files", "pack_bundle", "BUNDLE_NAME"]
 
 #: The bundle's folder name inside the release zip (and its name for ``monai.bundle download --name``).
 BUNDLE_NAME = "keymorph_brain_registration"
+
+#: The package the zip carries (the configs' ``_target_`` paths and ``importlib.import_module`` name it).
+PACKAGE = "custom_nets"
 
 #: What a release zip leaves out: large files users fetch with ``download_large_files``, and run outputs.
 _EXCLUDE_DIRS = {"runs", "eval", "__pycache__", ".ipynb_checkpoints"}
@@ -42,10 +50,15 @@ def write_large_files(bundle_dir: str | Path, url_base: str, files: Sequence[str
 def pack_bundle(
     bundle_dir: str | Path, out_dir: str | Path, name: str = BUNDLE_NAME, include_weights: bool = True
 ) -> Path:
-    """Zip the bundle as ``<out_dir>/<name>_v<version>.zip`` with everything under ``<name>/``.
+    """Zip the bundle as ``<out_dir>/<name>_v<version>.zip`` with everything under ``<name>/``, and this package's
+    code under ``<name>/custom_nets/`` (sources only).
 
     ``include_weights=False`` leaves out the files listed in ``large_files.yml`` (users fetch them with
-    ``download_large_files``). The version comes from ``configs/metadata.json``.
+    ``download_large_files``). The version comes from ``configs/metadata.json``; it must be this package's version,
+    since the zip carries this package.
+
+    Raises:
+        ValueError: the bundle's version and the package's differ, or the bundle holds its own ``custom_nets``.
     """
     bundle = Path(bundle_dir)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
@@ -55,16 +68,33 @@ def pack_bundle(
 
         listing = ConfigParser.load_config_file(str(bundle / "large_files.yml"))
         skip = {(bundle / e["path"]).resolve() for e in listing.get("large_files", [])}
+    if meta["version"] != __version__:
+        raise ValueError(
+            f"{bundle / 'configs' / 'metadata.json'}: bundle version {meta['version']} but custom_nets {__version__}; "
+            "the zip carries the package, so the two must match."
+        )
+    if (bundle / PACKAGE).exists():
+        raise ValueError(f"{bundle / PACKAGE}: the bundle folder holds its own copy of the package; remove it.")
+    package = Path(__file__).resolve().parent
     target = Path(out_dir) / f"{name}_v{meta['version']}.zip"
+
+    def files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+        return [
+            p
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+            and not set(p.relative_to(root).parts) & _EXCLUDE_DIRS
+            and not p.name.startswith(".tmp-")
+            and p.suffix not in (".pyc", ".ts")
+            and (suffixes is None or p.suffix in suffixes)
+        ]
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(bundle.rglob("*")):
-                rel = path.relative_to(bundle)
-                if path.is_dir() or set(rel.parts) & _EXCLUDE_DIRS or path.resolve() in skip:
-                    continue
-                if path.name.startswith(".tmp-") or path.suffix in (".pyc", ".ts"):
-                    continue
-                zf.write(path, str(Path(name) / rel))
+            for path in files(bundle, None):
+                if path.resolve() not in skip:
+                    zf.write(path, str(Path(name) / path.relative_to(bundle)))
+            for path in files(package, (".py", ".typed")):
+                zf.write(path, str(Path(name) / PACKAGE / path.relative_to(package)))
 
     return atomic_write(target, write)

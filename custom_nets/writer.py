@@ -13,9 +13,11 @@ import torch
 from ignite.engine import Engine, Events
 
 from .data.datasets import FAILURE_KEY, FAILURES_KEY
+from .data.transforms import mask_agreement_key
 from .engines import RegistrationFailure
 from .geometry import resample_to_image
 from .io import save_registration_png, write_csv, write_itk_affine, write_json
+from .quality import with_mask_agreement
 from .volumes import load_volume, output_stem, read_volume, save_like
 
 __all__ = ["RegistrationFailuresError", "RegistrationWriter"]
@@ -72,7 +74,8 @@ class RegistrationWriter:
 
     STATUS_COLUMNS = ("pair", "moving", "fixed", "status", "stage", "error", "json", "verdict", "reasons")
     QUALITY_COLUMNS = (
-        "nmi", "lncc", "foreground_overlap", "keypoint_residual_mm", "keypoints_used", "inverse_consistency_mm"
+        "nmi", "lncc", "foreground_overlap", "keypoint_residual_mm", "keypoints_used", "inverse_consistency_mm",
+        "mask_agreement",
     )  # fmt: skip
 
     def __init__(
@@ -106,6 +109,7 @@ class RegistrationWriter:
             moving_paths = batch["moving_image"].meta["filename_or_obj"]
             labels = batch.get("moving_label")
             masks = {side: batch.get(f"{side}_brainmask") for side in ("moving", "fixed")}
+            agreements = [batch.get(mask_agreement_key(f"{side}_image")) for side in ("moving", "fixed")]
             for b in range(len(fixed_paths)):
                 label = labels[b] if isinstance(labels, (list, tuple)) else None
                 fixed, moving = str(fixed_paths[b]), str(moving_paths[b])
@@ -117,6 +121,7 @@ class RegistrationWriter:
                     self._fail(moving, fixed, "register", "the network returned no result")
                     continue
                 item_masks = {s: m[b] for s, m in masks.items() if isinstance(m, torch.Tensor)}
+                _judge_mask_agreement(item, 0 if isinstance(pred, list) else b, [_item_value(a, b) for a in agreements])
                 self._write_isolated(item, 0 if isinstance(pred, list) else b, fixed, moving, label, item_masks)
         for record in batch.get(FAILURES_KEY) or []:
             info = record.get(FAILURE_KEY) or {}
@@ -330,6 +335,22 @@ class RegistrationWriter:
         record["outputs"] = dict(files)
         files["json"] = str(self.output_dir / f"{stem}.json")
         write_json(files["json"], record)
+
+
+def _item_value(values: Any, b: int) -> float | None:
+    """Item ``b`` of a collated per-item number (a tensor or a list), ``None`` when absent."""
+    if values is None:
+        return None
+    value = values[b] if isinstance(values, (list, tuple)) or (torch.is_tensor(values) and values.ndim) else values
+    return float(value)
+
+
+def _judge_mask_agreement(pred: Any, b: int, agreements: list[float | None]) -> None:
+    """Put the user masks' agreement with the brain extractor (see
+    :func:`~custom_nets.quality.with_mask_agreement`) into item ``b``'s quality record, judged again."""
+    records = getattr(pred, "quality", None)
+    if records:
+        records[b] = with_mask_agreement(records[b], agreements)
 
 
 def _quality_of(pred: Any, b: int) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from custom_nets.data.heads import HEAD_CENTRE_MNI, HEAD_LABELS, OUT_OF_VIEW, br
 from custom_nets.data.template import cube_affine
 from custom_nets.geometry import resample, voxel_grid, voxel_to_world
 from custom_nets.handlers import WeightsIntegrityError
+from custom_nets.quality import QualityThresholds
 
 SMALL = {"spatial_size": 40, "pixdim": 8.0}  # the 320 mm head cube at 8 mm
 
@@ -225,6 +226,19 @@ def test_brain_masking_in_the_preprocessing_strips_heads_and_leaves_brains(extra
     nib.save(nib.Nifti1Image(truth[0].numpy().astype(np.uint8), synth.affine), str(path))
     given = BrainMaskd(["fixed_image"], None)({"fixed_image": MetaTensor(head, affine=affine), "fixed_mask": str(path)})
     assert torch.equal(given["fixed_image"].as_tensor(), head * truth)
+    assert given["fixed_mask_agreement"] != given["fixed_mask_agreement"]  # NaN: no extractor to compare with
+    # with the extractor at hand, a given mask is compared with the extractor's: the right one agrees, one moved
+    # 40 mm (onto skull and scalp) does not (quality verdict: QualityThresholds.min_mask_agreement)
+    moved = Path(tempfile.mkdtemp()) / "moved.nii.gz"
+    nib.save(nib.Nifti1Image(np.roll(truth[0].numpy(), 8, axis=2).astype(np.uint8), synth.affine), str(moved))
+    agree = {}
+    for name, mask_path in (("right", path), ("moved", moved)):
+        item = masking({"fixed_image": MetaTensor(head, affine=affine), "fixed_mask": str(mask_path),
+                        "moving_image": MetaTensor(head, affine=affine)})  # fmt: skip
+        agree[name] = item["fixed_mask_agreement"]
+        assert item["moving_mask_agreement"] != item["moving_mask_agreement"]  # no mask given: not measured
+    limit = QualityThresholds().min_mask_agreement
+    assert agree["right"] > limit > agree["moved"], agree
 
 
 def test_tampered_weights_are_refused(tmp_path):

@@ -435,11 +435,12 @@ def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, s
     )
     assert error < 5.0, error
 
-    # the same pair through the bundle's own command line gives the same matrix and label map
+    # the same pair through the bundle's own command line, with the server's python (its torch build), gives the same
+    # matrix and label map
     out = work / "cli"
     res = subprocess.run(
         [
-            sys.executable,
+            str(_label_venv() / "bin" / "python"),
             "-m",
             "monai.bundle",
             "run",
@@ -467,21 +468,17 @@ def test_atlas_segmentation_matches_the_truth_and_the_bundle_cli(server, demo, s
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     cli = json.loads((out / f"{ATLAS_STEM}_t1.json").read_text())
-    # This venv's torch build differs from the server's. The detector's keypoints agree to float32 rounding. The
-    # matrices come out of the refinement, an iterative optimiser (L-BFGS, line search) whose path the rounding of
-    # two builds nudges: seen up to 2e-3 mm with 0.2.0's samples, 2.6e-2 mm with 0.3.0's (each level draws its own
-    # sample), against the refinement's own error of ~0.3 mm; a pipeline difference would show in mm.
-    for key, tol in (
-        ("keypoints_fixed_ras_mm", 1e-3),
-        ("keypoints_moving_ras_mm", 1e-3),
-        ("fixed_to_moving_ras", 5e-2),
-        ("moving_to_fixed_ras", 5e-2),
-    ):
-        diff = np.abs(np.asarray(cli[key]) - np.asarray(result[key])).max()
-        print(f"server vs CLI, {key}: {diff:.2e}")
-        assert diff < tol, (key, diff)
+    # The same build and the same pipeline agree to float rounding. (With another torch build, the refinement's
+    # iterative optimiser takes another path: 0.15 mm apart over a 120 mm box about the brain, 0.2 % of the label
+    # voxels flipped, measured with this suite's venv against the server's.)
+    box = np.array([[x, y - 18.0, z + 18.0, 1.0] for x in (-60, 60) for y in (-60, 60) for z in (-60, 60)])
+    for key in ("keypoints_fixed_ras_mm", "keypoints_moving_ras_mm", "fixed_to_moving_ras", "moving_to_fixed_ras"):
+        diff = np.asarray(cli[key]) - np.asarray(result[key])
+        apart = np.linalg.norm(diff if key.startswith("keypoints") else box @ diff.T, axis=1).max()
+        print(f"server vs CLI, {key}: {apart:.2e} mm at most")
+        assert apart < 1e-3, (key, apart)
     cli_label = np.asarray(nib.load(str(out / f"{ATLAS_STEM}_t1_label_warped.nii.gz")).dataobj)
-    assert (cli_label == pred).mean() > 0.998  # a 0.03 mm difference flips 0.14 % of the voxels (label edges)
+    assert (cli_label == pred).mean() > 0.9999
 
 
 def test_atlas_segmentation_of_a_rotated_other_contrast_image(server, demo, studies, model_dir, work):

@@ -20,7 +20,9 @@ from custom_nets.quality import (
     foreground_dice,
     local_ncc,
     normalized_mutual_information,
+    thresholds_dict,
     verdict,
+    with_mask_agreement,
 )
 from custom_nets.search import cube_rotations
 
@@ -74,6 +76,7 @@ def test_verdict_names_each_reason_and_thresholds_come_from_config():
         "keypoint_residual_mm": 40.0,
         "keypoints_used": 2.0,
         "inverse_consistency_mm": 9.0,
+        "mask_agreement": 0.3,
     }
     judged = QualityThresholds(min_foreground_overlap=0.8)  # reported, not judged by default (see QualityThresholds)
     assert verdict({**good, "foreground_overlap": 0.5}) == ("ok", [])
@@ -91,6 +94,31 @@ def test_verdict_names_each_reason_and_thresholds_come_from_config():
     assert verdict(good, strict)[0] == "suspect" and verdict(good)[0] == "ok"
     with pytest.raises(ValueError, match="min_nmi_typo"):
         QualityThresholds.from_mapping({"min_nmi_typo": 1.0})
+
+
+def test_a_given_mask_that_disagrees_with_the_extractor_makes_the_result_suspect():
+    """with_mask_agreement: the lower side's agreement is judged against the record's own thresholds; nothing
+    measured (None, NaN) leaves the record as it was."""
+    t = QualityThresholds()
+    good = {"nmi": 1.2, "lncc": 0.5, "keypoint_residual_mm": 1.0, "keypoints_used": 20.0, "verdict": "ok",
+            "reasons": [], "thresholds": thresholds_dict(t)}  # fmt: skip
+    assert with_mask_agreement(good, [None, float("nan")]) == good
+    agreed = with_mask_agreement(good, [0.9, None])
+    assert agreed["mask_agreement"] == 0.9 and agreed["verdict"] == "ok" and agreed["reasons"] == []
+    low = t.min_mask_agreement - 0.1
+    judged = with_mask_agreement(good, [0.95, low])
+    assert judged["mask_agreement"] == low and judged["verdict"] == "suspect", judged
+    assert len(judged["reasons"]) == 1 and "given brain mask disagrees" in judged["reasons"][0]
+    assert good["verdict"] == "ok" and "mask_agreement" not in good  # the input record is not changed
+    lenient = with_mask_agreement({**good, "thresholds": {**good["thresholds"], "min_mask_agreement": 0.5}}, [low])
+    assert lenient["verdict"] == "ok"  # the record's thresholds, not the defaults
+    # a reason the record already had is kept
+    assert with_mask_agreement(verdict_record({**good, "nmi": 1.0}, t), [0.99])["verdict"] == "suspect"
+
+
+def verdict_record(record: dict, t: QualityThresholds) -> dict:
+    state, reasons = verdict(record, t)
+    return {**record, "verdict": state, "reasons": reasons}
 
 
 # ------------------------------------------------------------------ the measures on a real registration problem

@@ -125,6 +125,64 @@ def test_release_zip_downloads_with_monai_and_tampering_is_refused_at_load(bundl
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def _venv_without_the_package(path: Path) -> Path:
+    """A venv that sees this environment's third-party packages (monai, torch, nibabel, ignite, ...) but not
+    ``custom_nets``: the editable install's ``.pth`` hook is a site file of this environment, not of the new one."""
+    import site
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(path)
+    python = path / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                         text=True, check=True).stdout.strip()  # fmt: skip
+    Path(own, "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_the_release_zip_runs_after_download_without_the_package_installed(server, tmp_path):
+    """The release zip carries the package code: downloaded with ``monai.bundle download`` into a venv without
+    custom_nets, ``monai.bundle run inference`` with ``--bundle_root`` registers a pair from another folder."""
+    from custom_nets.data.demo import write_demo_data
+
+    www, url = server
+    zip_path = pack_bundle(BUNDLE, www)
+    names = zipfile.ZipFile(zip_path).namelist()
+    package = f"{BUNDLE_NAME}/custom_nets"
+    assert f"{package}/__init__.py" in names and f"{package}/data/transforms.py" in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    python = _venv_without_the_package(tmp_path / "venv")
+    gone = subprocess.run([str(python), "-c", "import custom_nets"], capture_output=True, text=True, cwd=tmp_path)
+    assert gone.returncode != 0 and "No module named 'custom_nets'" in gone.stderr  # the premise of this test
+    dest = tmp_path / "downloaded"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("PYTHONPATH", None)
+    got = subprocess.run(
+        [str(python), "-m", "monai.bundle", "download", "--name", BUNDLE_NAME, "--url", f"{url}/{zip_path.name}",
+         "--bundle_dir", str(dest)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr[-3000:]
+    root = dest / BUNDLE_NAME
+    demo = write_demo_data(tmp_path / "data", num_subjects=3, pixdim=4.0, test_angles=(90,), progress=False)
+    pair = json.loads(demo.read_text())["test_pairs"][0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(
+        [str(python), "-m", "monai.bundle", "run", "inference",
+         "--config_file", str(root / "configs" / "inference.json"), "--bundle_root", str(root),
+         "--moving", str(demo.parent / pair["moving_image"]), "--fixed", str(demo.parent / pair["fixed_image"]),
+         "--output_dir", "out", "--write_png", "false"],
+        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    stem = Path(pair["moving_image"]).name[: -len(".nii.gz")]
+    record = json.loads((elsewhere / "out" / f"{stem}.json").read_text())
+    got_m, truth = torch.tensor(record["fixed_to_moving_ras"]), torch.tensor(pair["fixed_to_moving_ras"])
+    box = torch.cartesian_prod(*[torch.tensor([-60.0, 60.0])] * 3) + torch.tensor([0.0, -18.0, 18.0])  # about a brain
+    box = torch.cat([box, torch.ones(8, 1)], 1).double()
+    error = (box @ (got_m.double() - truth.double()).T)[:, :3].norm(dim=1).mean()
+    assert error < 2.0, (float(error), record["quality"])
+
+
 def test_unlisted_weights_load_with_a_warning_and_garbage_is_refused(tmp_path, caplog):
     path = tmp_path / "mine.pt"
     torch.save(_tiny_net().state_dict(), path)

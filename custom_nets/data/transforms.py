@@ -35,6 +35,8 @@ __all__ = [
     "IsotropicSpacingd",
     "BrainMaskd",
     "brainmask_key",
+    "dilate_mask",
+    "mask_agreement_key",
     "world_bounding_box",
     "preprocessing_transforms",
     "refine_key",
@@ -263,6 +265,12 @@ def user_mask_key(image_key: str) -> str:
     return image_key.replace("_image", "") + "_mask"
 
 
+def mask_agreement_key(image_key: str) -> str:
+    """Key under which :class:`BrainMaskd` stores, for ``<side>_image``, the Dice of the user's brain mask with the
+    brain extractor's (``NaN`` where not measured): ``<side>_mask_agreement``."""
+    return image_key.replace("_image", "") + "_mask_agreement"
+
+
 class BrainMaskd(MapTransform):
     """Keep the brain only: multiply each (loaded) image by its brain mask, and store the mask.
 
@@ -276,7 +284,10 @@ class BrainMaskd(MapTransform):
     skull-stripped already and left as it is (the extractor is less exact than a brain's own edge). The mask is
     stored as a ``uint8``
     ``MetaTensor`` ``(1, I, J, K)`` on the image's grid under ``<side>_brainmask`` (:func:`brainmask_key`), for the
-    outputs.
+    outputs. Where the user gives a mask and an extractor is at hand, the extractor runs too and the Dice of the two
+    masks (undilated extractor mask) is stored under ``<side>_mask_agreement`` (:func:`mask_agreement_key`; ``NaN``
+    where not measured), for the quality verdict: a mask of the wrong place or person agrees poorly (see
+    ``QualityThresholds.min_mask_agreement``).
 
     Args:
         keys: image keys (``fixed_image``, ``moving_image``).
@@ -303,7 +314,7 @@ class BrainMaskd(MapTransform):
         self._loader = LoadVolumed(["mask"], reject_constant=False)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from ..brainmask import extract_brain_mask, foreground_threshold
+        from ..brainmask import extract_brain_mask, foreground_threshold, mask_dice
         from ..geometry import resample
 
         d = dict(data)
@@ -312,6 +323,7 @@ class BrainMaskd(MapTransform):
             affine = torch.as_tensor(img.affine, dtype=torch.float64)
             given = d.get(user_mask_key(str(key)))
             name = str(img.meta.get("filename_or_obj", key)) if isinstance(img, MetaTensor) else str(key)
+            d[mask_agreement_key(str(key))] = float("nan")
             if given:
                 loaded = self._loader({"mask": given})["mask"]
                 mask = resample(
@@ -323,10 +335,14 @@ class BrainMaskd(MapTransform):
                     mode="nearest",
                 )[0]
                 source = str(given)
+                if self.extractor is not None:
+                    with torch.no_grad():
+                        found = extract_brain_mask(self.extractor, img.as_tensor().float(), affine)
+                    d[mask_agreement_key(str(key))] = mask_dice(mask, found)
             elif self.extractor is not None:
                 plain = img.as_tensor().float()
                 with torch.no_grad():
-                    mask = _dilate(extract_brain_mask(self.extractor, plain, affine), affine, self.margin_mm)
+                    mask = dilate_mask(extract_brain_mask(self.extractor, plain, affine), affine, self.margin_mm)
                 source = "the brain extractor"
                 foreground = plain > foreground_threshold(plain)
                 outside = float((foreground & (mask == 0)).sum()) / max(1.0, float(foreground.sum()))
@@ -345,7 +361,7 @@ class BrainMaskd(MapTransform):
         return d
 
 
-def _dilate(mask: torch.Tensor, affine: torch.Tensor, margin_mm: float) -> torch.Tensor:
+def dilate_mask(mask: torch.Tensor, affine: torch.Tensor, margin_mm: float) -> torch.Tensor:
     """Dilate a ``(1, I, J, K)`` mask by about ``margin_mm`` along each voxel axis (a box of each axis's spacing)."""
     spacing = affine[:3, :3].norm(dim=0).tolist()
     radius = [max(0, round(margin_mm / max(s, 1e-6))) for s in spacing]
