@@ -34,7 +34,7 @@ from custom_nets.brainmask_train import HEAD_KINDS, dice, random_pose, sample_he
 from custom_nets.data.heads import HEAD_CONTRASTS, HeadSynthesizer
 from custom_nets.data.synth import subject_seed
 from custom_nets.data.transforms import dilate_mask
-from custom_nets.io import atomic_write
+from custom_nets.fileio import atomic_write
 from custom_nets.quality import QualityThresholds
 
 

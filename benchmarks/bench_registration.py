@@ -75,8 +75,8 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
 
     from custom_nets.data import BrainSynthesizer, random_affine_matrix, save_nifti, subject_seed
     from custom_nets.data.template import BRAIN_CENTRE_MNI, load_tissue_template
+    from custom_nets.fileio import write_json
     from custom_nets.geometry import resample
-    from custom_nets.io import write_json
 
     cfg = MODES[mode]
     out = Path(out_dir) / "pairs"
@@ -251,7 +251,7 @@ def run_method(method: str, pairs_json: str, out_json: str) -> None:
         print(f"{method} {pair['id']}: {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     peak_mb = _peak_rss_mb()
     run = {"method": method, "setup_s": setup, "peak_mb": peak_mb, "settings": getattr(reg, "settings", {})}
-    tmp = Path(f"{out_json}.tmp")  # not custom_nets.io: the baselines' processes must not load MONAI (peak memory)
+    tmp = Path(f"{out_json}.tmp")  # not custom_nets.fileio: the baselines' processes must not load MONAI (peak memory)
     tmp.write_text(json.dumps({**run, "pairs": results}))
     os.replace(tmp, out_json)
 
@@ -285,8 +285,8 @@ def score(pair: dict[str, Any], matrix: list | None) -> dict[str, float]:
     import nibabel as nib
     import torch
 
-    from custom_nets.engines import transform_error_mm
     from custom_nets.geometry import resample
+    from custom_nets.metrics import transform_error_mm
 
     if matrix is None:
         return {"error_mm": float("nan"), "dice": float("nan")}
@@ -395,7 +395,7 @@ def _table(summary: dict[str, Any]) -> str:
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
-    from custom_nets.io import atomic_write
+    from custom_nets.fileio import atomic_write
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -439,7 +439,7 @@ def main(mode: str = "quick", out_dir: str = "bench_out", methods: str | tuple =
 
 def report(out_dir: str, mode: str = "quick", methods: str | tuple = METHODS) -> dict:
     """Score the runs saved in ``out_dir`` (``run_<method>.json``) and write the table, the CSV and the plot."""
-    from custom_nets.io import atomic_write, write_csv, write_json
+    from custom_nets.fileio import atomic_write, write_csv, write_json
 
     methods = tuple(methods.split(",")) if isinstance(methods, str) else tuple(methods)
     out = Path(out_dir)

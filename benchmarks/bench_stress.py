@@ -601,7 +601,7 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
     import torch
 
     from custom_nets.data import save_nifti
-    from custom_nets.io import write_json
+    from custom_nets.fileio import write_json
 
     torch.set_num_threads(THREADS)
     plan = pair_plan(mode)
@@ -719,8 +719,8 @@ def score(pair: dict[str, Any], matrix: Any) -> dict[str, float]:
     import nibabel as nib
     import torch
 
-    from custom_nets.engines import transform_error_mm
     from custom_nets.geometry import resample
+    from custom_nets.metrics import transform_error_mm
 
     if matrix is None:
         return {"error_mm": float("nan"), "dice": float("nan")}
@@ -943,7 +943,7 @@ def _summarise(pairs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
-    from custom_nets.io import atomic_write
+    from custom_nets.fileio import atomic_write
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1027,7 +1027,7 @@ def _notes(mode: str, pairs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def report(out_dir: str = "bench_stress", mode: str = "quick", methods: str | tuple = METHODS) -> dict:
     """Score the saved runs in ``out_dir`` and write ``results.csv``, ``summary.json``, ``table.md`` and the PNG."""
-    from custom_nets.io import atomic_write, write_csv
+    from custom_nets.fileio import atomic_write, write_csv
 
     methods = tuple(methods.split(",")) if isinstance(methods, str) else tuple(methods)
     out = Path(out_dir)

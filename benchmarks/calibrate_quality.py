@@ -108,7 +108,7 @@ def main(
     truth itself), not the bundle's results (minutes instead of about 10 s per pair)."""
     import torch
 
-    from custom_nets.io import write_csv, write_json
+    from custom_nets.fileio import write_csv, write_json
     from custom_nets.quality import QualityThresholds, assess_registration, verdict
 
     out = Path(out_dir)

@@ -32,8 +32,8 @@ from .data.augment import rotation_matrix
 from .data.heads import HEAD_CONTRASTS, HeadSynthesizer, brain_mask
 from .data.synth import subject_seed
 from .data.template import BRAIN_CENTRE_MNI
+from .fileio import atomic_write
 from .geometry import resample
-from .io import atomic_write
 
 __all__ = ["HEAD_KINDS", "dice", "random_pose", "sample_head", "train"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .io import atomic_write, sha256_file
+from .fileio import atomic_write, sha256_file
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -92,8 +92,8 @@ def state_fingerprint(state: Any) -> str:
 class AtomicCheckpointSaver:
     """Save training state atomically: the file under its final name is always complete.
 
-    Files are written through a temporary file and a rename (:func:`custom_nets.io.atomic_write`), so a run killed at
-    any moment leaves the previous checkpoints intact. The handler does no collective communication, so in
+    Files are written through a temporary file and a rename (:func:`~custom_nets.fileio.atomic_write`), so a run killed
+    at any moment leaves the previous checkpoints intact. The handler does no collective communication, so in
     multi-GPU training it is attached on rank 0 only.
 
     Args:
@@ -226,7 +226,7 @@ class ResumeFromCheckpoint:
     Checkpoints are loaded with ``weights_only=True``. A checkpoint that cannot be read (corrupt, truncated, not a
     checkpoint) is reported by name in a warning and skipped for the next newest one; if every checkpoint is
     unreadable, the run stops with an error listing them. Temporary files of an interrupted save (``.tmp-*``, left
-    when a run is killed while :func:`~custom_nets.io.atomic_write` is writing) are removed first; they are never
+    when a run is killed while :func:`~custom_nets.fileio.atomic_write` is writing) are removed first; they are never
     mistaken for checkpoints. The configured ``max_epochs`` and learning rates win over the saved ones, so a finished
     run can be extended by raising ``max_epochs`` and continued with a lower rate.
 

@@ -5,10 +5,10 @@ DistributedDataParallel, events and handlers all work unchanged) through three p
 
 * :class:`KeyMorphPrepareBatch` turns a batch of pairs into ``network(moving, fixed, moving_affine=...,
   fixed_affine=...)`` arguments and a ``targets`` dict;
-* :class:`~custom_nets.losses.KeyMorphLoss` (or :class:`KeypointPretrainLoss`) is the ``loss_function`` on
-  ``(KeyMorphOutput, targets)``;
-* :class:`RegistrationMetricsd` is the evaluator's ``postprocessing``: per-pair error in mm against the ground truth,
-  warped labels and Dice.
+* :class:`~custom_nets.losses.KeyMorphLoss` (or :class:`~custom_nets.losses.KeypointPretrainLoss`) is the
+  ``loss_function`` on ``(KeyMorphOutput, targets)``;
+* :class:`~custom_nets.metrics.RegistrationMetricsd` is the evaluator's ``postprocessing``: per-pair error in mm
+  against the ground truth, warped labels and Dice.
 
 Batch inference isolates failures in the same stock engine: :class:`~custom_nets.data.FailSafeDataset` turns a pair
 that cannot be loaded into a failure record, :class:`KeyMorphPrepareBatch` passes such records through (and a batch
@@ -20,37 +20,19 @@ records every failure and writes the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from monai.inferers import Inferer
-from monai.metrics import compute_dice
-from monai.transforms import Transform
-from torch import nn
 
 from .data.datasets import FAILURES_KEY
 from .fits import ThinPlateSpline
-from .geometry import apply_affine, apply_transform, as_tensor, batch_affine, voxel_grid, voxel_to_world
+from .geometry import as_tensor, batch_affine
 from .keymorph import KeyMorphOutput
-from .losses import warp_target_labels
 
-__all__ = [
-    "KeyMorphPrepareBatch",
-    "FailSafeInferer",
-    "RegistrationFailure",
-    "nonfinite_items",
-    "RegistrationMetricsd",
-    "KeypointPretrainLoss",
-    "reference_keypoints",
-    "transform_error_mm",
-    "SUCCESS_MM",
-]
-
-#: A registration "succeeds" when its mean error over the brain is below this many mm.
-SUCCESS_MM = 2.0
+__all__ = ["KeyMorphPrepareBatch", "FailSafeInferer", "RegistrationFailure", "nonfinite_items"]
 
 
 def _affine_of(x: Any, batch: int, device: torch.device) -> torch.Tensor:
@@ -238,128 +220,3 @@ def _nonfinite() -> RegistrationFailure:
     return RegistrationFailure(
         "register", "the registration gave a non-finite (NaN / Inf) transform, keypoints or warped image"
     )
-
-
-def transform_error_mm(
-    predicted: torch.Tensor | ThinPlateSpline,
-    truth: torch.Tensor,
-    fixed_mask: torch.Tensor,
-    fixed_affine: torch.Tensor,
-    max_points: int | None = 20000,
-) -> torch.Tensor:
-    """Mean distance (mm) between predicted and true ``fixed_to_moving`` images of the fixed image's masked voxels.
-
-    Args:
-        predicted: ``(B, 4, 4)`` world matrices or a spline.
-        truth: ``(B, 4, 4)`` ground-truth world matrices.
-        fixed_mask: ``(B, 1, I, J, K)``; voxels ``> 0`` count (e.g. the brain labels).
-        fixed_affine: ``(B, 4, 4)`` voxel-to-world of the fixed image.
-        max_points: voxels used per item (an even subsample beyond that); ``None``: every masked voxel.
-
-    Returns:
-        ``(B,)`` float64 errors in mm.
-    """
-    errors = []
-    grid = voxel_grid(fixed_mask.shape[2:], fixed_mask.device, torch.float64)
-    for b in range(fixed_mask.shape[0]):
-        vox = grid[fixed_mask[b, 0] > 0]
-        if vox.shape[0] == 0:
-            vox = grid.reshape(-1, 3)
-        if max_points is not None:
-            vox = vox[:: max(1, vox.shape[0] // max_points)]
-        world = voxel_to_world(vox.unsqueeze(0), fixed_affine[b : b + 1].to(torch.float64))
-        item = predicted[b : b + 1] if isinstance(predicted, torch.Tensor) else predicted.select(b)
-        moved = apply_transform(item, world)
-        true = apply_affine(truth[b : b + 1].to(torch.float64), world)
-        errors.append((moved.to(torch.float64) - true).norm(dim=-1).mean())
-    return torch.stack(errors)
-
-
-class RegistrationMetricsd(Transform):
-    """Evaluator ``postprocessing``: per-pair metrics from the engine output ``pred`` (a :class:`KeyMorphOutput`).
-
-    Adds to the output: ``error_mm`` ``(B,)`` (mean error over the fixed brain against ``fixed_to_moving`` ground
-    truth, when the batch has one), ``success`` ``(B,)`` (error below :data:`SUCCESS_MM`), ``pred_label`` /
-    ``label_onehot`` ``(B, C, ...)`` (nearest-neighbour warped moving labels and fixed labels, one-hot, for MONAI's
-    ``MeanDice``) and ``dice`` ``(B,)`` (mean over foreground classes), when the batch has labels.
-    """
-
-    def __init__(self, num_classes: int = 4) -> None:
-        self.num_classes = int(num_classes)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        pred: KeyMorphOutput = d["pred"]
-        targets: Mapping[str, Any] = d["label"]
-        fixed = targets["fixed_image"]
-        with torch.no_grad():
-            mask = targets.get("fixed_label", fixed)
-            if targets.get("fixed_to_moving") is not None:
-                err = transform_error_mm(
-                    pred.fixed_to_moving, targets["fixed_to_moving"], mask, targets["fixed_affine"]
-                )
-                d["error_mm"] = err
-                d["success"] = (err < SUCCESS_MM).to(torch.float32)
-            if targets.get("moving_label") is not None and targets.get("fixed_label") is not None:
-                warped, onehot = warp_target_labels(pred, targets, self.num_classes, soft=False)
-                d["pred_label"], d["label_onehot"] = warped, onehot
-                d["dice"] = compute_dice(warped, onehot, include_background=False, ignore_empty=True).nanmean(1)
-        return d
-
-
-def reference_keypoints(num_keypoints: int, seed: int = 0, tissue_threshold: float = 0.5) -> torch.Tensor:
-    """``(K, 3)`` random points (MNI world mm) inside the template brain (GM + WM probability above the threshold).
-
-    The targets of the self-supervised keypoint pretraining: the same anatomical points in every training image.
-    """
-    from .data.template import load_tissue_template
-
-    template = load_tissue_template()
-    inside = np.argwhere(template.probs[2] + template.probs[3] > tissue_threshold)
-    rng = np.random.default_rng([int(seed), 13])
-    vox = inside[rng.choice(len(inside), size=int(num_keypoints), replace=False)].astype(np.float64)
-    return torch.from_numpy(vox @ template.affine[:3, :3].T + template.affine[:3, 3])
-
-
-class KeypointPretrainLoss(nn.Module):
-    """Self-supervised keypoint pretraining: regress ``K`` fixed anatomical points under random affines.
-
-    The fixed image is in template alignment and ``targets["fixed_to_moving"]`` is the random affine applied to the
-    moving image, so keypoint ``k`` should sit at ``ref_k`` in the fixed image and at ``fixed_to_moving(ref_k)`` in
-    the moving one. Loss: mean squared distance in units of ``scale_mm``. Where the batch says that an image's field
-    of view was cut (``targets["fixed_fov"]`` / ``targets["moving_fov"]``: ``(B, 4)`` world planes ``(n, d)``, a
-    point ``x`` cut away when ``n . x > d``; see :class:`~custom_nets.data.RandFieldOfViewCutd`), the points cut
-    away from an image are left out of its term: the detector is asked to place what it can see.
-
-    Args:
-        num_keypoints: ``K`` (must match the detector).
-        seed: seed of :func:`reference_keypoints`.
-        scale_mm: distance unit.
-    """
-
-    def __init__(self, num_keypoints: int, seed: int = 0, scale_mm: float = 8.0) -> None:
-        super().__init__()
-        self.register_buffer("reference", reference_keypoints(num_keypoints, seed).to(torch.float32))
-        self.scale_mm = float(scale_mm)
-
-    def forward(self, pred: KeyMorphOutput, targets: Mapping[str, Any]) -> torch.Tensor:
-        if targets.get("fixed_to_moving") is None:
-            raise KeyError("KeypointPretrainLoss needs the ground truth 'fixed_to_moving' in the batch.")
-        b, k = pred.keypoints_fixed.shape[:2]
-        if k != self.reference.shape[0]:
-            raise ValueError(f"KeypointPretrainLoss: {self.reference.shape[0]} reference points, detector gives {k}.")
-        ref = self.reference.to(pred.keypoints_fixed.device).expand(b, -1, -1)
-        ref_moving = apply_affine(targets["fixed_to_moving"].to(torch.float32), ref)
-        terms = []
-        for pred_k, true_k, key in ((pred.keypoints_fixed, ref, "fixed_fov"),
-                                    (pred.keypoints_moving, ref_moving, "moving_fov")):  # fmt: skip
-            d2 = ((pred_k - true_k) ** 2).sum(-1)
-            plane = targets.get(key)
-            seen = torch.ones_like(d2)
-            if plane is not None:
-                plane = plane.to(true_k)
-                seen = ((true_k * plane[:, None, :3]).sum(-1) <= plane[:, None, 3]).to(d2.dtype)
-            terms.append((d2 * seen, seen))
-        total = sum(t[0].sum() for t in terms)
-        count = sum(t[1].sum() for t in terms)
-        return total / count.clamp_min(1.0) / self.scale_mm**2

@@ -1,19 +1,28 @@
-"""The KeyMorph training objective: image similarity, Dice on warped labels, keypoint consistency."""
+"""The KeyMorph training objective (image similarity, Dice on warped labels, keypoint consistency) and the
+self-supervised keypoint pretraining loss."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from monai.losses import DiceLoss
 from torch import nn
 
 from .fits import ThinPlateSpline
-from .geometry import resample
+from .geometry import apply_affine, resample
 from .keymorph import KeyMorphOutput
 
-__all__ = ["KeyMorphLoss", "one_hot_labels", "warp_labels", "warp_target_labels"]
+__all__ = [
+    "KeyMorphLoss",
+    "KeypointPretrainLoss",
+    "one_hot_labels",
+    "reference_keypoints",
+    "warp_labels",
+    "warp_target_labels",
+]
 
 
 def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -137,3 +146,61 @@ class KeyMorphLoss(nn.Module):
             terms["consistency"] = float(cons.detach())
         self.last_terms = terms
         return total
+
+
+def reference_keypoints(num_keypoints: int, seed: int = 0, tissue_threshold: float = 0.5) -> torch.Tensor:
+    """``(K, 3)`` random points (MNI world mm) inside the template brain (GM + WM probability above the threshold).
+
+    The targets of the self-supervised keypoint pretraining: the same anatomical points in every training image.
+    """
+    from .data.template import load_tissue_template
+
+    template = load_tissue_template()
+    inside = np.argwhere(template.probs[2] + template.probs[3] > tissue_threshold)
+    rng = np.random.default_rng([int(seed), 13])
+    vox = inside[rng.choice(len(inside), size=int(num_keypoints), replace=False)].astype(np.float64)
+    return torch.from_numpy(vox @ template.affine[:3, :3].T + template.affine[:3, 3])
+
+
+class KeypointPretrainLoss(nn.Module):
+    """Self-supervised keypoint pretraining: regress ``K`` fixed anatomical points under random affines.
+
+    The fixed image is in template alignment and ``targets["fixed_to_moving"]`` is the random affine applied to the
+    moving image, so keypoint ``k`` should sit at ``ref_k`` in the fixed image and at ``fixed_to_moving(ref_k)`` in
+    the moving one. Loss: mean squared distance in units of ``scale_mm``. Where the batch says that an image's field
+    of view was cut (``targets["fixed_fov"]`` / ``targets["moving_fov"]``: ``(B, 4)`` world planes ``(n, d)``, a
+    point ``x`` cut away when ``n . x > d``; see :class:`~custom_nets.data.RandFieldOfViewCutd`), the points cut
+    away from an image are left out of its term: the detector is asked to place what it can see.
+
+    Args:
+        num_keypoints: ``K`` (must match the detector).
+        seed: seed of :func:`reference_keypoints`.
+        scale_mm: distance unit.
+    """
+
+    def __init__(self, num_keypoints: int, seed: int = 0, scale_mm: float = 8.0) -> None:
+        super().__init__()
+        self.register_buffer("reference", reference_keypoints(num_keypoints, seed).to(torch.float32))
+        self.scale_mm = float(scale_mm)
+
+    def forward(self, pred: KeyMorphOutput, targets: Mapping[str, Any]) -> torch.Tensor:
+        if targets.get("fixed_to_moving") is None:
+            raise KeyError("KeypointPretrainLoss needs the ground truth 'fixed_to_moving' in the batch.")
+        b, k = pred.keypoints_fixed.shape[:2]
+        if k != self.reference.shape[0]:
+            raise ValueError(f"KeypointPretrainLoss: {self.reference.shape[0]} reference points, detector gives {k}.")
+        ref = self.reference.to(pred.keypoints_fixed.device).expand(b, -1, -1)
+        ref_moving = apply_affine(targets["fixed_to_moving"].to(torch.float32), ref)
+        terms = []
+        for pred_k, true_k, key in ((pred.keypoints_fixed, ref, "fixed_fov"),
+                                    (pred.keypoints_moving, ref_moving, "moving_fov")):  # fmt: skip
+            d2 = ((pred_k - true_k) ** 2).sum(-1)
+            plane = targets.get(key)
+            seen = torch.ones_like(d2)
+            if plane is not None:
+                plane = plane.to(true_k)
+                seen = ((true_k * plane[:, None, :3]).sum(-1) <= plane[:, None, 3]).to(d2.dtype)
+            terms.append((d2 * seen, seen))
+        total = sum(t[0].sum() for t in terms)
+        count = sum(t[1].sum() for t in terms)
+        return total / count.clamp_min(1.0) / self.scale_mm**2

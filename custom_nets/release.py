@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .io import atomic_write, sha256_file
+from .fileio import atomic_write, sha256_file
 
 __all__ = ["write_large_files", "pack_bundle", "BUNDLE_NAME"]
 

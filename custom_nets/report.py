@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .engines import SUCCESS_MM
-from .io import write_csv, write_json
+from .fileio import write_csv, write_json
+from .metrics import SUCCESS_MM
 
 __all__ = ["RegistrationReport"]
 
@@ -32,7 +32,7 @@ def _as_list(x: Any, n: int) -> list[Any]:
 class RegistrationReport:
     """Write per-pair metrics (CSV) and a summary (JSON) of an evaluation run, by rotation angle.
 
-    Reads, per iteration, the outputs of :class:`~custom_nets.engines.RegistrationMetricsd` (``error_mm``,
+    Reads, per iteration, the outputs of :class:`~custom_nets.metrics.RegistrationMetricsd` (``error_mm``,
     ``success``, ``dice``) and from the batch ``rotation_angle_deg``, contrasts / modalities, subjects and seed. The
     summary has, overall and per angle: pairs, success rate (error below 2 mm), median and mean error (mm), mean
     Dice and seconds per pair. Files are written atomically when the run completes.

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from .data.datasets import load_pair_list
-from .engines import SUCCESS_MM, transform_error_mm
 from .fits import ThinPlateSpline, fit_tps
+from .metrics import SUCCESS_MM, transform_error_mm
 from .volumes import output_stem
 
 __all__ = ["score_results", "format_scores", "result_transform", "summary_markdown"]
@@ -48,7 +48,7 @@ def result_transform(result: dict[str, Any], source: str | Path = "result") -> t
 
 
 def score_results(results_dir: str | Path, datalist: str | Path, key: str = "test_pairs") -> list[dict[str, Any]]:
-    """Per pair: mean error (mm) over the fixed brain (:func:`~custom_nets.engines.transform_error_mm` over every
+    """Per pair: mean error (mm) over the fixed brain (:func:`~custom_nets.metrics.transform_error_mm` over every
     brain voxel) between the result's ``fixed_to_moving`` transform (matrix or spline, see :func:`result_transform`)
     and the truth, success (below 2 mm), and tissue Dice of the warped labels when they were written.
 

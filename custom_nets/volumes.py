@@ -10,7 +10,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .io import atomic_write
+from .fileio import atomic_write
 
 __all__ = ["load_volume", "output_stem", "read_volume", "save_like"]
 

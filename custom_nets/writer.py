@@ -15,8 +15,9 @@ from ignite.engine import Engine, Events
 from .data.datasets import FAILURE_KEY, FAILURES_KEY
 from .data.transforms import mask_agreement_key
 from .engines import RegistrationFailure
+from .figures import save_registration_png
+from .fileio import write_csv, write_itk_affine, write_json
 from .geometry import resample_to_image
-from .io import save_registration_png, write_csv, write_itk_affine, write_json
 from .quality import with_mask_agreement
 from .volumes import load_volume, output_stem, read_volume, save_like
 

@@ -21,8 +21,8 @@ import torch
 from helpers import BUNDLE, TINY, bundle_cli
 
 from custom_nets.data import write_demo_data
+from custom_nets.fileio import read_itk_affine
 from custom_nets.handlers import find_checkpoints
-from custom_nets.io import read_itk_affine
 
 TRAIN = ["--train#epoch_length", "2", "--validate#num_pairs", "2", "--checkpoint_every", "1"]
 

@@ -6,9 +6,10 @@ from helpers import grid_affine, smooth_image
 from monai.data import MetaTensor
 
 from custom_nets import ConvNetDetector, KeyMorph, fit_tps
-from custom_nets.engines import KeyMorphPrepareBatch, KeypointPretrainLoss, RegistrationMetricsd, transform_error_mm
+from custom_nets.engines import KeyMorphPrepareBatch
 from custom_nets.geometry import voxel_grid
-from custom_nets.losses import KeyMorphLoss
+from custom_nets.losses import KeyMorphLoss, KeypointPretrainLoss
+from custom_nets.metrics import RegistrationMetricsd, transform_error_mm
 
 
 def _batch(b=2, shape=(16, 16, 16)):

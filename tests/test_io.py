@@ -12,17 +12,10 @@ import torch
 from helpers import random_affine, random_rotation, smooth_image
 from matplotlib.figure import Figure
 
-import custom_nets.io as cio
+import custom_nets.fileio as cio
 from custom_nets import resample
-from custom_nets.io import (
-    atomic_write,
-    read_itk_affine,
-    registration_figure,
-    save_registration_png,
-    to_jsonable,
-    write_itk_affine,
-    write_json,
-)
+from custom_nets.figures import registration_figure, save_registration_png
+from custom_nets.fileio import atomic_write, read_itk_affine, to_jsonable, write_itk_affine, write_json
 
 L = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -480,7 +473,7 @@ def test_registration_figure_rejects_inconsistent_inputs():
 
 
 def test_write_json_refuses_non_finite_values(tmp_path):
-    from custom_nets.io import write_json
+    from custom_nets.fileio import write_json
 
     with pytest.raises(ValueError, match="non-finite"):
         write_json(tmp_path / "r.json", {"error_mm": float("nan")})

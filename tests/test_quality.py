@@ -13,7 +13,7 @@ import custom_nets.keymorph as keymorph_module
 from custom_nets import QualityThresholds, parse_bool
 from custom_nets.data import BrainSynthesizer, random_affine_matrix, rotation_matrix, subject_seed
 from custom_nets.data.template import BRAIN_CENTRE_MNI
-from custom_nets.engines import transform_error_mm
+from custom_nets.metrics import transform_error_mm
 from custom_nets.quality import (
     assess_registration,
     effective_keypoints,

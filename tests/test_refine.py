@@ -16,8 +16,9 @@ from custom_nets.data import (
     subject_seed,
 )
 from custom_nets.data.template import BRAIN_CENTRE_MNI
-from custom_nets.engines import KeyMorphPrepareBatch, transform_error_mm
+from custom_nets.engines import KeyMorphPrepareBatch
 from custom_nets.geometry import apply_affine
+from custom_nets.metrics import transform_error_mm
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from custom_nets import ConvNetDetector, KeyMorph
+from custom_nets.fileio import sha256_file
 from custom_nets.handlers import VerifiedCheckpointLoader, WeightsIntegrityError
-from custom_nets.io import sha256_file
 from custom_nets.release import BUNDLE_NAME, pack_bundle, write_large_files
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"

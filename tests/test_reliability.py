@@ -599,7 +599,7 @@ class _Payload:
 def test_weights_with_code_are_refused_even_with_a_matching_hash(tmp_path):
     """The SHA-256 check guards against tampering; ``weights_only=True`` guards against a checkpoint that carries
     code (e.g. one whose hash a user recorded without looking inside): neither loader executes it."""
-    from custom_nets.io import sha256_file
+    from custom_nets.fileio import sha256_file
 
     marker = tmp_path / "executed"
     evil = tmp_path / "evil.pt"

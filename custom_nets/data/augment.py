@@ -169,7 +169,7 @@ class RandFieldOfViewCutd(Randomizable, MapTransform):
 
     The cut is recorded in ``plane_key`` as a ``(4,)`` float64 world-mm plane ``(n, d)``: a world point ``x`` was cut
     away when ``n . x > d``. An item left whole gets ``(0, 0, 0, 0)`` (no point is cut). Losses that regress anatomical
-    points (:class:`~custom_nets.engines.KeypointPretrainLoss`) leave out the points that fell outside the view.
+    points (:class:`~custom_nets.losses.KeypointPretrainLoss`) leave out the points that fell outside the view.
 
     If the data dictionary holds an integer ``"seed"``, the draw is a function of it and of ``salt`` (one salt per
     image side, so that the two sides of a pair are cut independently).

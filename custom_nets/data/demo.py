@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from ..io import atomic_write, write_json
+from ..fileio import atomic_write, write_json
 from .augment import random_affine_matrix, rotation_matrix
 from .synth import BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES

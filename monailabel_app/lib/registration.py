@@ -191,7 +191,7 @@ class Weights:
     def describe(self) -> dict[str, Any]:
         """Client-facing description (no server path): kind, name, SHA-256 (the recorded one, which the loader
         verified the file against; the file's own only when none is recorded)."""
-        from custom_nets.io import sha256_file
+        from custom_nets.fileio import sha256_file
 
         return {"kind": self.kind, "file": self.name, "sha256": self.sha256 or sha256_file(self.path)}
 
@@ -236,7 +236,7 @@ class WeightStore:
 
     def publish(self, weights: str | os.PathLike, info: Mapping[str, Any]) -> Weights:
         """Record ``weights`` (a file under ``model_dir``) as the latest fine-tuned weights, with ``info``."""
-        from custom_nets.io import sha256_file, write_json
+        from custom_nets.fileio import sha256_file, write_json
 
         path = Path(weights).resolve()
         rel = Path(os.path.relpath(path, self.model_dir.resolve()))
@@ -255,7 +255,7 @@ def verify_weights(weights: Weights, bundle_dir: str | os.PathLike) -> str:
         custom_nets.checkpoints.WeightsIntegrityError: no recorded digest, or a mismatch.
     """
     from custom_nets.checkpoints import WeightsIntegrityError, expected_sha256
-    from custom_nets.io import sha256_file
+    from custom_nets.fileio import sha256_file
 
     expected = weights.sha256 or expected_sha256(weights.path, Path(bundle_dir) / "large_files.yml")
     if expected is None:
@@ -364,8 +364,7 @@ class BundleRegistration:
             config_file=str(self.config_file), logging_file=False, workflow_type="infer", run_id="inference", **config
         )
         if weights is not None and weights.sha256:  # the digest to check (large_files.yml lacks fine-tuned ones)
-            i = _find_item(workflow.parser["handlers"], "VerifiedCheckpointLoader", f"{self.config_file} handlers")
-            workflow.parser[f"handlers#{i}#sha256"] = weights.sha256
+            workflow.parser["checkpoint_loader#sha256"] = weights.sha256
         from custom_nets.checkpoints import WeightsIntegrityError
         from custom_nets.writer import RegistrationWriter
 
@@ -402,11 +401,12 @@ class BundleRegistration:
 
     @staticmethod
     def _writers(workflow: Any, kind: type) -> list[Any]:
-        """The instances of ``kind`` among the workflow's (already instantiated) handlers."""
+        """The config's ``writer`` handler (already instantiated) if it is a ``kind``, as a list."""
         try:
-            return [h for h in workflow.parser.get_parsed_content("handlers") if isinstance(h, kind)]
+            writer = workflow.parser.get_parsed_content("writer")
         except Exception:  # the run failed before its handlers could be built
             return []
+        return [writer] if isinstance(writer, kind) else []
 
 
 class RegistrationError(RuntimeError):
@@ -471,7 +471,7 @@ def finetune_detector(
     """
     from monai.bundle import ConfigWorkflow
 
-    from custom_nets.io import sha256_file, write_json
+    from custom_nets.fileio import sha256_file, write_json
 
     bundle = Path(bundle_dir).resolve()
     paths = [str(Path(p).resolve()) for p in images]
