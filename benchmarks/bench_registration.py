@@ -138,7 +138,8 @@ def make_pairs(out_dir: str | Path, mode: str = "quick", seed: int = 0) -> list[
 
 # --------------------------------------------------------------------------------------------------------- methods
 class _KeyMorph:
-    """The bundle's inference pipeline (configs/inference.json: preprocessing, network, weights) in process."""
+    """The bundle's inference pipeline (configs/inference.json: preprocessing, network, weights, the KeyMorph
+    inferer) in process."""
 
     def __init__(self, refine: bool, overrides: dict[str, Any] | None = None) -> None:
         import torch
@@ -161,16 +162,20 @@ class _KeyMorph:
         VerifiedCheckpointLoader(
             ckpt, {"model": self.network}, large_files=large_files, map_location=self.device
         ).load()
+        self.inferer = parser.get_parsed_content("keymorph_inferer")
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.prepare = parser.get_parsed_content("prepare_batch")
         self.collate, self.torch = list_data_collate, torch
 
+    def register(self, moving: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The inferer's :class:`~custom_nets.keymorph.KeyMorphOutput` for a prepared batch."""
+        with self.torch.no_grad():
+            return self.inferer(moving, self.network, *args, **kwargs)
+
     def __call__(self, pair: dict[str, Any]) -> np.ndarray:
         data = self.preprocessing({"fixed_image": pair["fixed_image"], "moving_image": pair["moving_image"]})
         moving, _, args, kwargs = self.prepare(self.collate([data]), self.device)
-        with self.torch.no_grad():
-            out = self.network(moving, *args, **kwargs)
-        return out.fixed_to_moving[0].double().cpu().numpy()
+        return self.register(moving, args, kwargs).fixed_to_moving[0].double().cpu().numpy()
 
 
 def _itk_matrix(matrix: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> np.ndarray:

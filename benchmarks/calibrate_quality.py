@@ -114,7 +114,7 @@ def main(
     out = Path(out_dir)
     items = _pairs(int(pairs), out / "pairs", seed)
     km = _KeyMorph(refine=True, overrides={"skull_strip": skull_strip})
-    km.network.assess_quality = True
+    km.inferer.assess_quality = True
     rng = np.random.default_rng([seed, 5])
     rows: list[dict[str, Any]] = []
     for pair in items:
@@ -123,8 +123,7 @@ def main(
         weights = torch.ones(1, 16)
         if inference:
             t = time.perf_counter()
-            with torch.no_grad():
-                res = km.network(moving, *args, **kwargs)
+            res = km.register(moving, args, kwargs)
             seconds = time.perf_counter() - t
             matrix, weights = res.fixed_to_moving[0].double().numpy(), res.weights
             q = dict(res.quality[0])

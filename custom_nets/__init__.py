@@ -1,4 +1,5 @@
-"""KeyMorph for MONAI: keypoint detectors, the centre-of-mass layer, closed-form fits and the registration module.
+"""KeyMorph for MONAI: keypoint detectors, the centre-of-mass layer, closed-form fits, the registration module and
+its inferer.
 
 Coordinate convention: see :mod:`custom_nets.geometry`.
 """
@@ -6,15 +7,24 @@ Coordinate convention: see :mod:`custom_nets.geometry`.
 # the submodules the bundle configs reach as attributes of the package (``@custom_nets.data...``)
 from . import brainmask, checkpoints, data, engines, handlers, losses, metrics  # noqa: E402, F401, I001
 from .detectors import ConvNetDetector, TruncatedUNetDetector
-from .fits import DegenerateKeypointsError, ThinPlateSpline, fit_affine, fit_rigid, fit_tps, fit_transform
+from .fits import (
+    DegenerateKeypointsError,
+    ThinPlateSpline,
+    fit_affine,
+    fit_rigid,
+    fit_tps,
+    fit_transform,
+    keypoint_residual_mm,
+)
 from .geometry import resample
+from .inferers import KeyMorphInferer
 from .keymorph import TRANSFORM_TYPES, KeyMorph, KeyMorphOutput, amp_supported
 from .keypoints import CenterOfMass, power_weights
 from .options import parse_bool
 from .quality import QualityThresholds
 from .refine import AffineRefiner
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 __all__ = [
     "AffineRefiner",
@@ -22,6 +32,7 @@ __all__ = [
     "ConvNetDetector",
     "DegenerateKeypointsError",
     "KeyMorph",
+    "KeyMorphInferer",
     "KeyMorphOutput",
     "TRANSFORM_TYPES",
     "ThinPlateSpline",
@@ -31,6 +42,7 @@ __all__ = [
     "fit_rigid",
     "fit_tps",
     "fit_transform",
+    "keypoint_residual_mm",
     "parse_bool",
     "power_weights",
     "QualityThresholds",

@@ -12,8 +12,9 @@ DistributedDataParallel, events and handlers all work unchanged) through three p
 
 Batch inference isolates failures in the same stock engine: :class:`~custom_nets.data.FailSafeDataset` turns a pair
 that cannot be loaded into a failure record, :class:`KeyMorphPrepareBatch` passes such records through (and a batch
-with nothing left to register as ``None`` inputs), :class:`FailSafeInferer` turns a pair the network cannot register
-(or registers to NaN) into a :class:`RegistrationFailure`, and :class:`~custom_nets.writer.RegistrationWriter`
+with nothing left to register as ``None`` inputs), :class:`FailSafeInferer` runs the
+:class:`~custom_nets.inferers.KeyMorphInferer` (search, refinement, verdict) and turns a pair the network cannot
+register (or registers to NaN) into a :class:`RegistrationFailure`, and :class:`~custom_nets.writer.RegistrationWriter`
 records every failure and writes the others.
 """
 
@@ -169,22 +170,35 @@ def _item(x: Any, i: int, batch: int) -> Any:
 class FailSafeInferer(Inferer):
     """Run the network on a batch of pairs so that a pair that cannot be registered does not fail the others.
 
-    The network is called once on the whole batch. If that raises, or gives a NaN / Inf result for some item (see
-    :func:`nonfinite_items`), each item that raises or is non-finite becomes a :class:`RegistrationFailure` with the
-    error: a batch of one from that one call, a larger batch by running its items one by one. ``None`` inputs (no
-    pair of the batch could be loaded) give ``[]`` without calling the network.
+    Args:
+        inferer: how the network is run (e.g. :class:`~custom_nets.inferers.KeyMorphInferer`, which adds the
+            orientation search, refinement and the quality verdict); default: the network is called directly.
+
+    The network (through ``inferer``) is called once on the whole batch. If that raises, or gives a NaN / Inf result
+    for some item (see :func:`nonfinite_items`), each item that raises or is non-finite becomes a
+    :class:`RegistrationFailure` with the error: a batch of one from that one call, a larger batch by running its
+    items one by one. ``None`` inputs (no pair of the batch could be loaded) give ``[]`` without calling the network.
 
     Returns:
         The network output (a :class:`~custom_nets.keymorph.KeyMorphOutput`) when every item succeeded, else a list
         with, for each batch item, its one-item ``KeyMorphOutput`` or a :class:`RegistrationFailure`.
     """
 
+    def __init__(self, inferer: Inferer | None = None) -> None:
+        super().__init__()
+        self.inferer = inferer
+
+    def _run(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.inferer is None:
+            return network(inputs, *args, **kwargs)
+        return self.inferer(inputs, network, *args, **kwargs)
+
     def __call__(self, inputs: torch.Tensor | None, network: Any, *args: Any, **kwargs: Any) -> Any:
         if inputs is None:
             return []
         batch = int(inputs.shape[0])
         try:
-            out = network(inputs, *args, **kwargs)
+            out = self._run(inputs, network, *args, **kwargs)
         except Exception as err:  # a batch of one has its message already; larger ones are isolated item by item
             if batch == 1:
                 return [_raised(err)]
@@ -195,13 +209,13 @@ class FailSafeInferer(Inferer):
                 return [_nonfinite()]
         return [self._run_item(network, inputs, args, kwargs, i, batch) for i in range(batch)]
 
-    @staticmethod
     def _run_item(
-        network: Any, inputs: torch.Tensor, args: Sequence[Any], kwargs: Mapping[str, Any], i: int, batch: int
+        self, network: Any, inputs: torch.Tensor, args: Sequence[Any], kwargs: Mapping[str, Any], i: int, batch: int
     ) -> Any:
         try:
-            out = network(
+            out = self._run(
                 _item(inputs, i, batch),
+                network,
                 *(_item(a, i, batch) for a in args),
                 **{k: _item(v, i, batch) for k, v in kwargs.items()},
             )

@@ -15,7 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["DegenerateKeypointsError", "ThinPlateSpline", "fit_affine", "fit_rigid", "fit_tps", "fit_transform"]
+__all__ = [
+    "DegenerateKeypointsError",
+    "ThinPlateSpline",
+    "fit_affine",
+    "fit_rigid",
+    "fit_tps",
+    "fit_transform",
+    "keypoint_residual_mm",
+]
 
 _F64 = torch.float64
 #: Relative tolerance on the eigenvalues of the weighted point covariance below which a direction counts as absent.
@@ -317,3 +325,17 @@ def fit_transform(
     if transform_type == "tps":
         return fit_tps(src, dst, lam=lam, weights=weights)
     raise ValueError(f"expected transform_type 'rigid', 'affine' or 'tps', got {transform_type!r}.")
+
+
+def keypoint_residual_mm(
+    keypoints_fixed: torch.Tensor, keypoints_moving: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted RMS residual ``(B,)`` (mm) of the weighted least-squares affine fit of ``keypoints_fixed`` onto
+    ``keypoints_moving`` (both ``(B, K, 3)`` world mm; ``weights`` ``(B, K)``): how far the two keypoint sets are from
+    corresponding through an affine map. Raises :class:`DegenerateKeypointsError` like the fit."""
+    a = fit_affine(keypoints_fixed, keypoints_moving, weights).to(_F64)
+    src = keypoints_fixed.to(_F64)
+    mapped = src @ a[:, :3, :3].transpose(1, 2) + a[:, None, :3, 3]
+    r2 = (mapped - keypoints_moving.to(_F64)).square().sum(-1)
+    w = weights.to(_F64)
+    return ((w * r2).sum(-1) / w.sum(-1).clamp(min=1e-12)).sqrt()

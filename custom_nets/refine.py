@@ -125,7 +125,8 @@ class AffineRefiner(nn.Module):
         """:meth:`forward` on the levels ``levels`` of :attr:`factors` only (default all), also returning the score.
 
         Running the coarse levels on several starting transforms, comparing their scores and finishing the best one on
-        the remaining levels is the orientation search's candidate check (:class:`~custom_nets.keymorph.KeyMorph`).
+        the remaining levels is the orientation search's candidate check
+        (:class:`~custom_nets.inferers.KeyMorphInferer`).
 
         Returns:
             ``(refined (B, 4, 4), score (B,))``: the score is the loss (negative mutual information, lower is better)

@@ -5,7 +5,7 @@ import torch
 from helpers import blob_image, grid_affine, smooth_image
 from monai.data import MetaTensor
 
-from custom_nets import ConvNetDetector, DegenerateKeypointsError, KeyMorph, ThinPlateSpline, resample
+from custom_nets import ConvNetDetector, DegenerateKeypointsError, KeyMorph, KeyMorphInferer, ThinPlateSpline, resample
 
 
 def _bias_free_detector(k=12):
@@ -173,9 +173,9 @@ def test_collapsed_keypoints_are_a_clear_error():
             h = torch.rand(x.shape[0], 6, 4, 4, 4, generator=torch.Generator().manual_seed(1))
             return h * (x.mean(dim=(1, 2, 3, 4)) < 0.9).float().view(-1, 1, 1, 1, 1) - 1e-3
 
-    km = KeyMorph(EmptyWhenBright(), orientation_search=True).eval()
+    km = KeyMorph(EmptyWhenBright()).eval()
     with pytest.raises(DegenerateKeypointsError, match="found: 0 of 6 in the fixed image, at most 6 in a view"):
-        km(good * 0.5, good * 0.05 + 0.95)
+        KeyMorphInferer(orientation_search=True)(good * 0.5, km, good * 0.05 + 0.95)
 
 
 def test_amp_runs_the_detector_in_low_precision_at_inference_only():
@@ -205,16 +205,16 @@ def test_amp_supported_answers_for_the_devices_it_knows():
     assert isinstance(amp_supported("cpu"), bool)
 
 
-def test_a_trace_registers_without_the_orientation_search():
-    """The search picks a view by comparing fits (data-dependent): a trace would freeze the view of its example input.
-    It is left out of the trace with a warning, so the traced model is the search-free model on any input."""
+def test_a_trace_of_the_model_registers_inputs_it_never_saw_as_the_model_does():
+    """The orientation search picks a view by comparing fits (data-dependent, a trace would freeze the view of its
+    example input): it lives in the inferer, so the model holds no data-dependent choice and its trace is the model
+    on any input."""
     gen = torch.Generator().manual_seed(5)
-    detector = _small_detector()
-    km, plain = KeyMorph(detector, orientation_search=True).eval(), KeyMorph(detector).eval()
+    km = KeyMorph(_small_detector()).eval()
     example = torch.stack([smooth_image((32, 32, 32), gen)[0] for _ in range(2)], dim=1)
     other = torch.stack([smooth_image((32, 32, 32), gen)[0] for _ in range(2)], dim=1)
-    with torch.no_grad(), pytest.warns(UserWarning, match="orientation search is not part of a TorchScript trace"):
-        traced = torch.jit.trace(km, example, check_trace=False)
     with torch.no_grad():
-        assert torch.allclose(traced(other), plain(other), atol=1e-5)
-        assert torch.allclose(traced(example), plain(example), atol=1e-5)
+        traced = torch.jit.trace(km, example, check_trace=False)
+        assert torch.allclose(traced(other), km(other), atol=1e-5)
+        assert torch.allclose(traced(example), km(example), atol=1e-5)
+    assert not hasattr(km, "orientation_search") and not hasattr(km, "refiner")

@@ -9,7 +9,7 @@ import torch
 from helpers import BUNDLE
 from monai.bundle import ConfigParser
 
-import custom_nets.keymorph as keymorph_module
+import custom_nets.search as search_module
 from custom_nets import QualityThresholds, parse_bool
 from custom_nets.data import BrainSynthesizer, random_affine_matrix, rotation_matrix, subject_seed
 from custom_nets.data.template import BRAIN_CENTRE_MNI
@@ -165,7 +165,8 @@ def test_a_wrong_matrix_is_suspect_and_the_truth_is_not(cross_pair):
 # ------------------------------------------------------------------------- the orientation search's candidate check
 @pytest.fixture(scope="module")
 def shipped():
-    """The bundle's inference network with the shipped weights, its preprocessing and its prepare_batch."""
+    """The bundle's inference network with the shipped weights, its preprocessing, its prepare_batch and its
+    KeyMorph inferer."""
     from custom_nets.handlers import VerifiedCheckpointLoader
 
     parser = ConfigParser()
@@ -176,7 +177,12 @@ def shipped():
     VerifiedCheckpointLoader(
         str(BUNDLE / "models" / "model.pt"), {"model": network}, large_files=str(BUNDLE / "large_files.yml")
     ).load()
-    return network, parser.get_parsed_content("preprocessing"), parser.get_parsed_content("prepare_batch")
+    return (
+        network,
+        parser.get_parsed_content("preprocessing"),
+        parser.get_parsed_content("prepare_batch"),
+        parser.get_parsed_content("keymorph_inferer"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +193,7 @@ def rotated_pair(shipped, tmp_path_factory):
 
     from custom_nets.data import save_nifti
 
-    _, preprocessing, prepare = shipped
+    _, preprocessing, prepare, _ = shipped
     tmp = tmp_path_factory.mktemp("rotated")
     synth = BrainSynthesizer(spatial_size=64, pixdim=4.0)
     rng = np.random.default_rng(11)
@@ -214,14 +220,14 @@ def rotated_pair(shipped, tmp_path_factory):
 def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, rotated_pair, monkeypatch):
     """The residual ranking is made to put a wrong view first (as it did on a real pair at 90 degrees); refining the
     best candidates and keeping the best similarity registers the pair anyway, and the record says so."""
-    network = shipped[0]
+    network, inferer = shipped[0], shipped[3]
     moving, args, kwargs, error = rotated_pair
     with torch.no_grad():
-        honest = network(moving, *args, **kwargs)
+        honest = inferer(moving, network, *args, **kwargs)
     right_view = honest.quality[0]["views"]["chosen"]
     assert error(honest) < 2.0
 
-    real_residual = keymorph_module.keypoint_residual_mm
+    real_residual = search_module.keypoint_residual_mm
     calls = {"n": 0}
 
     perm, signs = cube_rotations()[right_view]
@@ -232,14 +238,14 @@ def test_the_candidate_check_recovers_a_view_the_residual_ranks_wrong(shipped, r
         r = real_residual(p_fix, p_mov, w)
         return r * 0.0 if view == wrong else r + (0.5 if view == right_view else 5.0)
 
-    monkeypatch.setattr(keymorph_module, "keypoint_residual_mm", rigged)
+    monkeypatch.setattr(search_module, "keypoint_residual_mm", rigged)
     with torch.no_grad():
-        monkeypatch.setattr(network, "search_candidates", 1)
+        monkeypatch.setattr(inferer.search, "candidates", 1)
         calls["n"] = 0
-        fooled = network(moving, *args, **kwargs)
-        monkeypatch.setattr(network, "search_candidates", 3)
+        fooled = inferer(moving, network, *args, **kwargs)
+        monkeypatch.setattr(inferer.search, "candidates", 3)
         calls["n"] = 0
-        checked = network(moving, *args, **kwargs)
+        checked = inferer(moving, network, *args, **kwargs)
     assert error(fooled) > 10.0  # the residual alone keeps the wrong view
     assert error(checked) < 2.0, checked.quality
     views = checked.quality[0]["views"]
@@ -266,13 +272,13 @@ def test_parse_bool_refuses_what_is_not_a_boolean(typed):
 def test_inverse_consistency_is_measured_when_asked(shipped, rotated_pair, monkeypatch):
     """``inverse_consistency``: the pair registered the other way round too; a good registration comes back to
     where it started (well under a voxel of the 2 mm refinement images), and the record says by how much."""
-    network = shipped[0]
+    network, inferer = shipped[0], shipped[3]
     moving, args, kwargs, error = rotated_pair
-    monkeypatch.setattr(network, "inverse_consistency", True)
+    monkeypatch.setattr(inferer, "inverse_consistency", True)
     with torch.no_grad():
-        out = network(moving, *args, **kwargs)
+        out = inferer(moving, network, *args, **kwargs)
     quality = out.quality[0]
     assert error(out) < 2.0
     assert 0.0 < quality["inverse_consistency_mm"] < 1.0, quality
     assert not any("inverse_consistency" in r for r in quality["reasons"])
-    assert network.assess_quality and network.inverse_consistency  # restored after the backward registration
+    assert inferer.assess_quality and inferer.inverse_consistency  # unchanged by the backward registration

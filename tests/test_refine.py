@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from custom_nets import AffineRefiner, ConvNetDetector, KeyMorph
+from custom_nets import AffineRefiner, ConvNetDetector, KeyMorph, KeyMorphInferer
 from custom_nets.data import (
     BrainSynthesizer,
     preprocessing_transforms,
@@ -108,7 +108,7 @@ def test_refiner_keeps_the_start_when_the_result_is_less_similar(pair, monkeypat
     assert _error(pair, relaxed(pair["moving"], pair["fixed"], pair["truth"], a, a)) > 4.0
 
 
-def test_keymorph_applies_the_refiner_only_at_inference():
+def test_the_inferer_applies_the_refiner_only_at_inference():
     calls = []
 
     class Recorder(torch.nn.Module):
@@ -117,17 +117,19 @@ def test_keymorph_applies_the_refiner_only_at_inference():
             return f2m
 
     torch.manual_seed(0)
-    model = KeyMorph(ConvNetDetector(num_keypoints=8, channels=(4, 8), pool_after=(0, 1)), refiner=Recorder())
+    model = KeyMorph(ConvNetDetector(num_keypoints=8, channels=(4, 8), pool_after=(0, 1)))
+    inferer = KeyMorphInferer(orientation_search=False, refiner=Recorder())
     x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
-    model.train()(x, y)
+    inferer(x, model.train(), y)
     assert calls == []
-    model.eval()(x, y)
+    inferer(x, model.eval(), y)
     assert calls == [((1, 1, 16, 16, 16), 1.0)]
-    model.eval()(x, y, transform_type="rigid")  # rigid results are not turned into affines
+    inferer(x, model.eval(), y, transform_type="rigid")  # rigid results are not turned into affines
     assert len(calls) == 1
     fine = torch.rand(1, 1, 32, 32, 32)  # finer images of the same pair go to the refiner, with their affines
     half = torch.diag(torch.tensor([0.5, 0.5, 0.5, 1.0], dtype=torch.float64))
-    model.eval()(x, y, refine_moving=fine, refine_fixed=fine, refine_moving_affine=half, refine_fixed_affine=half)
+    inferer(x, model.eval(), y, refine_moving=fine, refine_fixed=fine, refine_moving_affine=half,
+            refine_fixed_affine=half)  # fmt: skip
     assert calls[-1] == ((1, 1, 32, 32, 32), 0.5)
 
 

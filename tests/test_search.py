@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import blob_image, grid_affine
 
-from custom_nets import ConvNetDetector, KeyMorph, resample
-from custom_nets.keymorph import keypoint_residual_mm
+from custom_nets import ConvNetDetector, KeyMorph, KeyMorphInferer, resample
+from custom_nets.fits import keypoint_residual_mm
 from custom_nets.search import cube_rotations, rotate_volume
 
 
@@ -41,8 +41,8 @@ def test_search_recovers_a_cube_rotation_with_an_untrained_detector(k, rank):
     truth = (a @ v @ torch.linalg.inv(a)).float()  # fixed world -> moving world: moving voxel V i holds fixed voxel i
     torch.manual_seed(0)
     det = ConvNetDetector(num_keypoints=16, channels=(8, 16), pool_after=(0, 1), norm=None, bias=False)
-    model = KeyMorph(det, orientation_search=True, search_rank=rank).eval()
-    out = model(rotated, fixed, a, a)
+    model = KeyMorph(det).eval()
+    out = KeyMorphInferer(orientation_search=True, search_rank=rank)(rotated, model, fixed, a, a)
     assert torch.allclose(out.fixed_to_moving[0], truth, atol=1e-3)
     assert (out.warped - fixed).abs().max() < 1e-3
     if k:  # without the search the untrained detector does not get it
@@ -71,4 +71,4 @@ def test_keypoint_residual_is_zero_for_corresponding_points_and_grows_with_misma
 
 def test_unknown_search_rank_is_refused():
     with pytest.raises(ValueError, match="search_rank"):
-        KeyMorph(ConvNetDetector(num_keypoints=4, channels=(4,), pool_after=(0,)), search_rank="mi")
+        KeyMorphInferer(search_rank="mi")
