@@ -24,7 +24,7 @@ define check_free_disk
 endef
 
 .PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory \
-	bench-stress bench-stress-quick bench-stress-raw bench-brainmask calibrate-quality
+	bench-stress bench-stress-quick bench-stress-raw bench-brainmask bench-groupwise calibrate-quality
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(call check_free_disk,$(VENV_GB),$(VENV))
@@ -98,6 +98,10 @@ calibrate-quality: install
 # The brain extractor on 30 held-out synthetic heads (Dice by contrast, raw / brain-only / cut field of view, time).
 bench-brainmask: install
 	$(PY) benchmarks/bench_brainmask.py --num 30 --out_dir bench_brainmask_out
+
+# Groupwise registration of 10 synthetic subjects in poses up to 180 degrees, against ANTs build_template
+bench-groupwise: install
+	$(PY) benchmarks/bench_groupwise.py main --num 10 --max_angle 180 --ants True --out_dir bench_groupwise_out
 
 # Refresh bundle/large_files.yml (SHA-256 of bundle/models/model.pt) and pack dist/<bundle>_v<version>.zip.
 release: install

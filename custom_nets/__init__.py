@@ -5,7 +5,7 @@ Coordinate convention: see :mod:`custom_nets.geometry`.
 """
 
 # the submodules the bundle configs reach as attributes of the package (``@custom_nets.data...``)
-from . import brainmask, checkpoints, data, engines, handlers, losses, metrics  # noqa: E402, F401, I001
+from . import brainmask, checkpoints, data, engines, groupwise, handlers, losses, metrics  # noqa: E402, F401, I001
 from .detectors import ConvNetDetector, TruncatedUNetDetector
 from .fits import (
     DegenerateKeypointsError,

@@ -1,6 +1,7 @@
 """Data for KeyMorph: synthetic multi-contrast brains, augmentation, real-data loading and the demo set."""
 
 from .augment import RandAffineMovingd, RandFieldOfViewCutd, random_affine_matrix, rotation_matrix
+from .cohort import cohort_images, cohort_labels
 from .datasets import (
     FAILURE_KEY,
     FAILURES_KEY,
@@ -39,6 +40,8 @@ from .transforms import (
 )
 
 __all__ = [
+    "cohort_images",
+    "cohort_labels",
     "AbovePercentile",
     "BrainMaskd",
     "BRAIN_CENTRE_MNI",

@@ -1,0 +1,191 @@
+"""The files of a groupwise registration (see :meth:`custom_nets.groupwise.GroupwiseRegistration.run`).
+
+Every file is written atomically (:func:`~custom_nets.fileio.atomic_write`): a run killed at any moment leaves each
+file complete or absent. World coordinates are RAS mm (:mod:`custom_nets.geometry`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .data.datasets import failure_message
+from .fileio import atomic_write, write_csv, write_itk_affine, write_json
+from .geometry import resample_to_image
+from .volumes import load_volume, output_stem, read_volume
+
+__all__ = ["GroupwiseWriter", "save_template_png"]
+
+logger = logging.getLogger(__name__)
+
+#: groupwise.csv columns.
+COLUMNS = (
+    "image", "stem", "view", "keypoint_residual_mm", "keypoints_used", "nmi", "lncc", "foreground_overlap", "verdict",
+    "reasons",
+)  # fmt: skip
+#: Aligned scans shown in template.png besides the template.
+PREVIEWS = 3
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype: Any = np.float32) -> None:
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+class GroupwiseWriter:
+    """Write each scan's result as it comes, and the template, the CSV and the failures at the end.
+
+    Args:
+        output_dir: the output folder (created).
+        png: write ``template.png``.
+        write_aligned: write each scan resampled into template space at the template's grid
+            (``<stem>_in_template.nii.gz``, the scan's own intensities).
+    """
+
+    def __init__(self, output_dir: str | Path, png: bool = True, write_aligned: bool = False) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.png, self.write_aligned = bool(png), bool(write_aligned)
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.previews: list[tuple[str, np.ndarray]] = []
+        self.votes: dict[int, np.ndarray] = {}  # label value -> scans voting for it, per template voxel
+        self._stems: set[str] = set()
+
+    def stem(self, path: str) -> str:
+        """The output name of a scan: its file name without the image extension, ``_2``, ``_3``... if taken."""
+        base = output_stem(path)
+        stem, n = base, 1
+        while stem in self._stems:
+            n += 1
+            stem = f"{base}_{n}"
+        self._stems.add(stem)
+        return stem
+
+    def fail(self, path: str, stage: str, err: BaseException) -> None:
+        """Record a scan that cannot be used (it is left out of the template)."""
+        message = failure_message(err)
+        logger.warning("groupwise: %s left out (%s): %s", path, stage, message)
+        self.failures.append({"image": str(path), "stage": stage, "error": message})
+
+    def finish_failures(self) -> Path:
+        return write_json(self.output_dir / "failures.json", self.failures)
+
+    def scan(
+        self, path: str, stem: str, template_to_scan: torch.Tensor, keypoints: torch.Tensor, weights: torch.Tensor,
+        view: int, transform_type: str, quality: dict[str, Any], warped: torch.Tensor, shape: tuple[int, ...],
+        affine: torch.Tensor, label: str | None = None,
+    ) -> None:  # fmt: skip
+        """Write one scan's ``<stem>_to_template.json`` / ``.tfm`` (and aligned image), keep its CSV row and add its
+        label map's vote (``label``: its path) to the template label.
+
+        ``template_to_scan`` ``(4, 4)``; ``keypoints`` ``(K, 3)`` world mm of the scan; ``weights`` ``(K,)``;
+        ``warped`` ``(1, 1, *shape)``: its finer image in template space (for the PNG); ``affine``: the template
+        grid's ``(4, 4)``."""
+        a = template_to_scan.to(torch.float64).cpu()
+        record = {
+            "image": str(path),
+            "template_to_scan_ras": a.numpy(),
+            "scan_to_template_ras": torch.linalg.inv(a).numpy(),
+            "transform_type": transform_type,
+            "view": int(view),
+            "keypoints_ras": keypoints.cpu().numpy(),
+            "weights": weights.cpu().numpy(),
+            "quality": quality,
+        }
+        write_json(self.output_dir / f"{stem}_to_template.json", record)
+        write_itk_affine(self.output_dir / f"{stem}_to_template.tfm", a.numpy())
+        if self.write_aligned:
+            img = load_volume(str(path))
+            data = resample_to_image(read_volume(img, str(path)), img.affine, shape, affine.numpy(), a[None])
+            _save_nifti(data, affine.numpy(), self.output_dir / f"{stem}_in_template.nii.gz")
+        if label is not None:
+            self._vote(label, a, shape, affine)
+        row = {"image": str(path), "stem": stem, "view": int(view), **quality}
+        row["reasons"] = "; ".join(quality.get("reasons") or [])
+        self.rows.append(row)
+        if len(self.previews) < PREVIEWS:
+            self.previews.append((stem, warped[0, 0].float().cpu().numpy()))
+
+    def _vote(self, label: str, template_to_scan: torch.Tensor, shape: tuple[int, ...], affine: torch.Tensor) -> None:
+        """Resample a label map into template space (nearest) and count one vote per voxel for its value."""
+        img = load_volume(label)
+        data = resample_to_image(read_volume(img, label), img.affine, shape, affine.numpy(), template_to_scan[None],
+                                 mode="nearest")  # fmt: skip
+        values = np.rint(data).astype(np.int64)
+        for value in np.unique(values):
+            self.votes.setdefault(int(value), np.zeros(shape, np.int32))[values == value] += 1
+
+    def template_label(self) -> np.ndarray | None:
+        """The majority vote of the labels in template space (ties: the smaller value), or ``None`` without labels."""
+        if not self.votes:
+            return None
+        values = sorted(self.votes)
+        counts = np.stack([self.votes[v] for v in values])
+        return np.asarray(values, dtype=np.int16)[counts.argmax(0)]
+
+    def finish(
+        self, template: torch.Tensor, affine: torch.Tensor, keypoints: torch.Tensor, mass: torch.Tensor,
+        cohort_size: int, transform_type: str, gauge: str,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Write the template files, ``groupwise.csv`` and ``failures.json``; return the run's summary."""
+        volume = template[0, 0].float().cpu().numpy()
+        _save_nifti(volume, affine.numpy(), self.output_dir / "template.nii.gz")
+        labels = self.template_label()
+        if labels is not None:
+            _save_nifti(labels, affine.numpy(), self.output_dir / "template_label.nii.gz", np.int16)
+        write_json(
+            self.output_dir / "template_keypoints.json",
+            {"keypoints_ras": keypoints.cpu().numpy(), "mass": mass.cpu().numpy(), "transform_type": transform_type,
+             "scans": len(self.rows), "template_space": gauge},
+        )  # fmt: skip
+        write_csv(self.output_dir / "groupwise.csv", self.rows, COLUMNS)
+        self.finish_failures()
+        if self.png:
+            save_template_png(self.output_dir / "template.png", volume, affine.numpy(), keypoints.cpu().numpy(),
+                              self.previews)  # fmt: skip
+        suspect = sum(r.get("verdict") == "suspect" for r in self.rows)
+        summary = {"scans": cohort_size, "registered": len(self.rows), "failed": len(self.failures),
+                   "suspect": suspect, "output_dir": str(self.output_dir)}  # fmt: skip
+        logger.info("groupwise: %s", summary)
+        return summary
+
+
+def save_template_png(
+    path: Path, template: np.ndarray, affine: np.ndarray, keypoints: np.ndarray, aligned: list[tuple[str, np.ndarray]]
+) -> Path:
+    """Template montage: one row for the template with its keypoints (projected onto each slice), one per aligned
+    scan; columns: the three orthogonal slices through the template grid's centre."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [("template", template)] + list(aligned)
+    fig = Figure(figsize=(9.0, 3.0 * len(rows)))
+    FigureCanvasAgg(fig)
+    centre = [n // 2 for n in template.shape]
+    vox = (np.c_[keypoints, np.ones(len(keypoints))] @ np.linalg.inv(affine).T)[:, :3]
+    hi = float(np.percentile(template[template > 0], 99.5)) if (template > 0).any() else 1.0
+    for r, (name, volume) in enumerate(rows):
+        for axis in range(3):
+            ax = fig.add_subplot(len(rows), 3, 3 * r + axis + 1)
+            plane = np.take(volume, centre[axis], axis=axis)
+            ax.imshow(plane.T, origin="lower", cmap="gray", vmin=0.0, vmax=hi)
+            if r == 0:
+                other = [d for d in range(3) if d != axis]
+                ax.scatter(vox[:, other[0]], vox[:, other[1]], s=8, c="tab:orange")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if axis == 0:
+                ax.set_ylabel(name)
+    fig.suptitle("groupwise template (row 1, keypoints in orange) and aligned scans")
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    finally:
+        fig.clear()
