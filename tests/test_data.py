@@ -92,11 +92,11 @@ def test_images_and_labels_stay_aligned(synth):
             assert fit > 0.8, (side, seed, fit)
             # misaligned labels would show: they leave at least twice the unexplained variance
             assert 1 - _label_fit(img, torch.roll(lab, 2, dims=1)) > 2 * (1 - fit)
-    t1 = make({"seed": 0})
-    if t1["fixed_contrast"] == "t1":  # preset ordering: WM > GM > CSF on T1
-        img, lab = t1["fixed_image"], t1["fixed_label"]
-        m = [img[lab == c].mean() for c in (1, 2, 3)]
-        assert m[0] < m[1] < m[2]
+    t1 = SynthPaird(synth, contrasts=("t1",), cross_contrast_prob=0.0)({"seed": 0})
+    assert t1["fixed_contrast"] == "t1"  # the preset ordering on T1: CSF < GM < WM
+    img, lab = t1["fixed_image"], t1["fixed_label"]
+    m = [img[lab == c].mean() for c in (1, 2, 3)]
+    assert m[0] < m[1] < m[2]
 
 
 def test_ground_truth_carries_label_centroids(synth):
@@ -164,6 +164,44 @@ def test_augmentation_ranges_and_ramp(synth):
             float(torch.rad2deg(torch.arccos(((torch.trace(m / torch.det(m) ** (1 / 3)) - 1) / 2).clamp(-1, 1))))
         )
     assert max(angles) > 120  # full-range rotations occur
+
+
+def test_augmentation_ramp_scales_the_rotation_at_start_middle_and_end(synth):
+    """With a fixed angle and no scale, shear or shift, the ramp multiplies the rotation exactly: 0, 60 and 120
+    degrees at ramp 0, 0.5 and 1; the translation range shrinks with it."""
+    d = SynthPaird(synth)({"seed": 1})
+
+    def angle(ramp: float, **kw) -> float:
+        aug = RandAffineMovingd(rotation_angle_deg=120.0, scale=0.0, shear=0.0, translate=0.0, ramp=ramp, **kw)
+        m = aug(dict(d, seed=3))["fixed_to_moving"][:3, :3]
+        return float(torch.rad2deg(torch.arccos(((torch.trace(m) - 1) / 2).clamp(-1, 1))))
+
+    assert [angle(r) for r in (0.0, 0.5, 1.0)] == pytest.approx([0.0, 60.0, 120.0], abs=1e-4)
+    shifts = []
+    for ramp in (0.25, 1.0):
+        aug = RandAffineMovingd(rotate_deg=0.0, scale=0.0, shear=0.0, translate=0.2, ramp=ramp)
+        shifts.append(max(float(aug(dict(d, seed=k))["fixed_to_moving"][:3, 3].abs().max()) for k in range(20)))
+    half_fov = 0.5 * 40 * float(synth.affine[0, 0])
+    assert shifts[0] <= 0.25 * 0.2 * half_fov + 1e-6 < shifts[1] <= 0.2 * half_fov + 1e-6
+
+
+def test_augmentation_ramp_handler_sets_the_ramp_each_epoch(synth):
+    """AugmentationRamp (train.json's ramp_epochs): from ``start`` to 1 linearly over ``ramp_epochs`` epochs, set when
+    each epoch starts: 0.1, 0.325, 0.55, 0.775, 1.0 over 5 epochs with ramp_epochs 4."""
+    from ignite.engine import Engine, Events
+
+    from custom_nets.handlers import AugmentationRamp
+
+    aug = RandAffineMovingd()
+    dataset = type("D", (), {"transform": Compose([aug])})()
+    engine = Engine(lambda e, b: None)
+    AugmentationRamp(dataset, ramp_epochs=4, start=0.1).attach(engine)
+    seen = []
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(aug.ramp))
+    engine.run([0], max_epochs=5)
+    assert seen == pytest.approx([0.1, 0.325, 0.55, 0.775, 1.0])
+    with pytest.raises(ValueError, match="no RandAffineMovingd"):
+        AugmentationRamp(type("D", (), {"transform": Compose([])})(), ramp_epochs=4)
 
 
 def test_field_of_view_cut_and_its_plane():
@@ -397,6 +435,28 @@ def test_pairs_carry_a_ground_truth_only_when_every_record_has_one(caplog):
         partial = RandPaird(records, same_subject_prob=1.0, cross_contrast_prob=1.0)
     assert "1 of 4 records have no world_from_template" in caplog.text
     assert all("fixed_to_moving" not in partial({"seed": s}) for s in range(8))
+
+
+def test_pair_ground_truth_maps_each_fixed_point_to_its_moving_point():
+    """sample_pairs composes the records' world_from_template exactly: a template point x appears at W_f x in the
+    fixed image and at W_m x in the moving one, so fixed_to_moving must take W_f x to W_m x (for rotations about
+    different axes with shifts, the reversed compositions do not)."""
+    from custom_nets.data import rotation_matrix, sample_pairs
+
+    def pose(axis, degrees, shift):
+        m = np.eye(4)
+        m[:3, :3], m[:3, 3] = rotation_matrix(axis, degrees), shift
+        return m
+
+    w = {"a": pose((0, 0, 1), 30.0, (5.0, -2.0, 7.0)), "b": pose((1, 0.5, 0), 70.0, (-3.0, 4.0, 1.0))}
+    records = [{"image": f"/x/{s}.nii.gz", "subject": s, "modality": "t1", "world_from_template": w[s].tolist()}
+               for s in ("a", "b")]  # fmt: skip
+    x = np.array([[10.0, -20.0, 30.0, 1.0], [-40.0, 5.0, 12.0, 1.0]])
+    for pair in sample_pairs(records, 6, same_subject_prob=0.0, cross_contrast_prob=0.0, seed=3):
+        wf, wm = w[pair["fixed_subject"]], w[pair["moving_subject"]]
+        gt = np.asarray(pair["fixed_to_moving"])
+        assert np.allclose((wf @ x.T).T @ gt.T, (wm @ x.T).T, atol=1e-9)
+        assert not np.allclose(gt, np.linalg.inv(wf) @ wm, atol=1e-3)
 
 
 def test_a_training_epoch_of_any_length_costs_no_memory():
