@@ -202,9 +202,23 @@ def test_shipped_weights_match_their_large_files_entry():
     assert weights.is_file() and weights.stat().st_size <= 20 * 2**20
     assert sha256_file(weights) in listing
     state = torch.load(weights, weights_only=True)
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 2
     assert all(k.startswith("detector.") for k in state)
+    # the weights fit the network inference.json builds, and that network gives what metadata.json declares
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(state, strict=True)
+    fmt = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]
+    spec = fmt["inputs"]["image"]
+    pair = torch.rand(1, spec["num_channels"], *spec["spatial_shape"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        warped = net.eval()(pair)
+        out = net(pair[:, :1], pair[:, 1:])
+    assert tuple(warped.shape) == (1, fmt["outputs"]["pred"]["num_channels"], *fmt["outputs"]["pred"]["spatial_shape"])
+    assert tuple(out.keypoints_fixed.shape[1:]) == tuple(fmt["outputs"]["keypoints"]["spatial_shape"])
+    assert tuple(out.fixed_to_moving.shape[1:]) == tuple(fmt["outputs"]["fixed_to_moving"]["spatial_shape"])
 
 
 def test_a_training_checkpoint_loads_for_inference_and_another_network_is_refused_naming_the_file(tmp_path):
