@@ -26,12 +26,14 @@ def demo_data(
         num_subjects: synthetic subjects (split about 70 / 10 / 20 % into training / validation / test).
         pixdim: voxel size in mm.
         seed: random seed (the set is a deterministic function of it).
-        contrasts: contrasts to image every subject in (t1, t2, pd, random).
+        contrasts: contrasts to image every subject in (t1, t2, pd, random; any case), as a comma list or a list.
     """
     from .data.demo import write_demo_data
 
     if isinstance(contrasts, str):
-        contrasts = [c.strip() for c in contrasts.split(",") if c.strip()]
+        contrasts = contrasts.split(",")
+    contrasts = [c.strip().lower() if isinstance(c, str) else c for c in contrasts]  # T1 and t1 alike
+    contrasts = [c for c in contrasts if c != ""]
     return str(
         write_demo_data(out_dir, num_subjects=num_subjects, contrasts=tuple(contrasts), pixdim=pixdim, seed=seed)
     )
@@ -50,22 +52,22 @@ def score(results: str = "demo_out", datalist: str = "demo_data/datalist.json") 
 
 
 def release(bundle_dir: str = "bundle", out_dir: str = "dist", url_base: str | None = None) -> str:
-    """Write BUNDLE_DIR/large_files.yml (URL and SHA-256 of models/model.pt) and pack OUT_DIR/<name>_v<version>.zip.
+    """Refresh BUNDLE_DIR/large_files.yml (the SHA-256 of every weights file it lists) and pack
+    OUT_DIR/<name>_v<version>.zip.
 
     Args:
         bundle_dir: the bundle folder.
         out_dir: where the zip goes.
-        url_base: where the weights will be downloadable from (the URL is <url_base>/model.pt); if omitted, the
-            URL already in large_files.yml is kept and only its hash is refreshed.
+        url_base: where the weights will be downloadable from (each URL becomes <url_base>/<file name>); if omitted,
+            every entry keeps its URL (the weights of one release may live at different release URLs) and only the
+            hashes are refreshed.
     """
-    from monai.bundle import ConfigParser
-
-    from .release import pack_bundle, write_large_files
+    from .release import listed_large_files, pack_bundle, refresh_large_files, write_large_files
 
     if url_base is None:
-        listing = ConfigParser.load_config_file(f"{bundle_dir}/large_files.yml")
-        url_base = str(listing["large_files"][0]["url"]).rsplit("/", 1)[0]
-    write_large_files(bundle_dir, url_base)
+        refresh_large_files(bundle_dir)
+    else:
+        write_large_files(bundle_dir, url_base, [e["path"] for e in listed_large_files(bundle_dir)])
     return str(pack_bundle(bundle_dir, out_dir))
 
 

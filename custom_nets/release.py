@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .fileio import atomic_write, sha256_file
 
-__all__ = ["write_large_files", "pack_bundle", "BUNDLE_NAME"]
+__all__ = ["write_large_files", "refresh_large_files", "listed_large_files", "pack_bundle", "BUNDLE_NAME"]
 
 #: The bundle's folder name inside the release zip (and its name for ``monai.bundle download --name``).
 BUNDLE_NAME = "keymorph_brain_registration"
@@ -45,6 +45,41 @@ def write_large_files(bundle_dir: str | Path, url_base: str, files: Sequence[str
     target = bundle / "large_files.yml"
     text = "\n".join(lines) + "\n"
     return atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+
+
+def listed_large_files(bundle_dir: str | Path) -> list[dict[str, str]]:
+    """The entries (``path``, ``url``, ``hash_val``, ...) of ``<bundle_dir>/large_files.yml``.
+
+    Raises:
+        FileNotFoundError / ValueError: no such file, or no ``large_files`` list in it (the file named)."""
+    import yaml
+
+    listing = Path(bundle_dir) / "large_files.yml"
+    content = yaml.safe_load(listing.read_text())
+    entries = content.get("large_files") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+        raise ValueError(f"{listing}: expected a 'large_files' list of entries with a 'path'.")
+    return entries
+
+
+def refresh_large_files(bundle_dir: str | Path) -> Path:
+    """Recompute the SHA-256 of every file ``<bundle_dir>/large_files.yml`` lists, in place: each entry keeps its
+    URL, and the file its comments (only the ``hash_val`` lines change).
+
+    Raises:
+        FileNotFoundError: a listed file is missing (named)."""
+    bundle = Path(bundle_dir)
+    listing = bundle / "large_files.yml"
+    text = listing.read_text()
+    for entry in listed_large_files(bundle):
+        path = bundle / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {listing} but missing.")
+        old = f'hash_val: "{entry["hash_val"]}"'
+        if text.count(old) != 1:
+            raise ValueError(f"{listing}: expected one line {old!r} for {entry['path']}.")
+        text = text.replace(old, f'hash_val: "{sha256_file(path)}"')
+    return atomic_write(listing, lambda tmp: Path(tmp).write_text(text))
 
 
 def pack_bundle(

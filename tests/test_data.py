@@ -397,6 +397,20 @@ def test_demo_set_via_cli_and_its_ground_truth(tmp_path):
     )
 
 
+@pytest.mark.parametrize("typed", ["[t1, pd]", "T1, PD"])
+def test_demo_data_contrasts_as_people_type_them(tmp_path, typed):
+    """``--contrasts "[t1, pd]"`` (fire's list) and ``"T1, PD"`` (a comma list, upper case: refused before): only
+    those contrasts are written, in either form."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "custom_nets", "demo_data", "--out_dir", str(out), "--num_subjects", "3", "--pixdim",
+           "6.4", "--contrasts", typed]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = load_datalist(out / "datalist.json")
+    assert sorted(r["modality"] for r in recs) == ["pd"] * 3 + ["t1"] * 3
+    assert not list(out.glob("*T2*"))
+
+
 def test_save_nifti_is_atomic(tmp_path, monkeypatch):
     path = save_nifti(np.zeros((3, 3, 3)), np.eye(4), tmp_path / "x.nii.gz")
     assert path.is_file() and not list(tmp_path.glob(".tmp-*"))

@@ -244,3 +244,55 @@ def test_a_training_checkpoint_loads_for_inference_and_another_network_is_refuse
     torch.save(torch.nn.Linear(3, 2).state_dict(), wrong)
     with pytest.raises(WeightsIntegrityError, match=r"wrong\.pt: not weights of this network \(KeyMorph"):
         VerifiedCheckpointLoader(str(wrong), {"model": _tiny_net()}).load()
+
+
+def _custom_nets_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "custom_nets", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_release_without_a_url_refreshes_every_listed_hash_and_keeps_urls_and_comments(tmp_path):
+    """``make release`` (``python -m custom_nets release`` without ``--url_base``): every file large_files.yml lists
+    (the detector and the brain extractor, released under different URLs) keeps its entry and URL, gets the SHA-256
+    of the file now on disk, and the comments stay; with ``--url_base`` every listed file moves to that base."""
+    import yaml
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("runs", "eval", "*.pt"))
+    torch.save(_tiny_net().state_dict(), bundle / "models" / "model.pt")
+    (bundle / "models" / "brain_extractor.pt").write_bytes(b"another extractor")
+    before = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    out = _custom_nets_cli("release", "--bundle_dir", str(bundle), "--out_dir", str(tmp_path / "dist"), cwd=tmp_path)
+    zip_path = Path(out.stdout.strip().splitlines()[-1])
+    assert zip_path.is_file() and zip_path.parent == tmp_path / "dist"
+    text = (bundle / "large_files.yml").read_text()
+    after = yaml.safe_load(text)["large_files"]
+    assert [e["path"] for e in after] == [e["path"] for e in before] == ["models/model.pt", "models/brain_extractor.pt"]
+    assert [e["url"] for e in after] == [e["url"] for e in before]
+    assert [e["hash_val"] for e in after] == [sha256_file(bundle / e["path"]) for e in after]
+    assert text.count("\n  #") == (BUNDLE / "large_files.yml").read_text().count("\n  #") > 0
+    with zipfile.ZipFile(zip_path) as z:
+        assert z.read(f"{BUNDLE_NAME}/large_files.yml").decode() == text
+    _custom_nets_cli("release", "--bundle_dir", str(bundle), "--out_dir", str(tmp_path / "dist"), "--url_base",
+                     "https://example.org/v9", cwd=tmp_path)  # fmt: skip
+    moved = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
+    assert [e["url"] for e in moved] == ["https://example.org/v9/model.pt", "https://example.org/v9/brain_extractor.pt"]
+
+
+def test_table_command_prints_the_evaluation_summary_as_markdown(tmp_path):
+    """``python -m custom_nets table --summary S``: one row per angle and one for all, the model card's format."""
+    summary = {
+        "overall": {"pairs": 5, "success_rate": 0.6, "median_error_mm": 1.5, "mean_error_mm": 3.2,
+                    "p90_error_mm": 7.2, "mean_dice": 0.725, "seconds_per_pair": 0.25},
+        "by_rotation_deg": {"0.0": {"pairs": 3, "success_rate": 2 / 3, "median_error_mm": 1.5, "mean_error_mm": 5 / 3,
+                                    "p90_error_mm": 2.7, "mean_dice": 0.85, "seconds_per_pair": 0.2},
+                            "90.0": {"pairs": 2, "success_rate": 0.5, "median_error_mm": 5.5}},
+    }  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    lines = _custom_nets_cli("table", "--summary", str(tmp_path / "summary.json"), cwd=tmp_path).stdout.splitlines()
+    assert lines[0].startswith("| rotation (deg) | pairs | success (< 2 mm) | median error (mm)")
+    assert lines[2] == "| 0 | 3 | 67 % | 1.50 | 1.67 | 2.70 | 0.850 | 0.20 |"
+    assert lines[3] == "| 90 | 2 | 50 % | 5.50 | - | - | - | - |"
+    assert lines[4] == "| all | 5 | 60 % | 1.50 | 3.20 | 7.20 | 0.725 | 0.25 |"
