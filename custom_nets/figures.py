@@ -1,4 +1,5 @@
-"""Registration preview PNG: keypoints over orthogonal slices of both images, and the overlay after registration.
+"""Preview PNGs: a registration's keypoints over orthogonal slices of both images and the overlay after it; a
+groupwise template with its keypoints and aligned scans.
 
 World coordinates follow :mod:`custom_nets.geometry` (RAS+ mm, each image's 4 x 4 voxel-to-world affine); the PNG is
 written atomically (:func:`custom_nets.fileio.atomic_write`). matplotlib is imported lazily, inside the functions.
@@ -17,7 +18,7 @@ from .fileio import PathLike, as_numpy, atomic_write, check_affine_matrix
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["registration_figure", "save_registration_png"]
+__all__ = ["registration_figure", "save_registration_png", "save_template_png"]
 
 #: Size of the registration preview figure in inches (the PNG has ``dpi`` pixels per inch).
 _FIGSIZE = (11.0, 11.0)
@@ -332,5 +333,42 @@ def save_registration_png(
     )
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        fig.clear()
+
+
+def save_template_png(
+    path: PathLike,
+    template: np.ndarray,
+    affine: np.ndarray,
+    keypoints: np.ndarray,
+    aligned: list[tuple[str, np.ndarray]],
+) -> Path:
+    """Template montage: one row for the template with its keypoints (projected onto each slice), one per aligned
+    scan; columns: the three orthogonal slices through the template grid's centre."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [("template", template)] + list(aligned)
+    fig = Figure(figsize=(9.0, 3.0 * len(rows)))
+    FigureCanvasAgg(fig)
+    centre = [n // 2 for n in template.shape]
+    vox = (np.c_[keypoints, np.ones(len(keypoints))] @ np.linalg.inv(affine).T)[:, :3]
+    hi = float(np.percentile(template[template > 0], 99.5)) if (template > 0).any() else 1.0
+    for r, (name, volume) in enumerate(rows):
+        for axis in range(3):
+            ax = fig.add_subplot(len(rows), 3, 3 * r + axis + 1)
+            plane = np.take(volume, centre[axis], axis=axis)
+            ax.imshow(plane.T, origin="lower", cmap="gray", vmin=0.0, vmax=hi)
+            if r == 0:
+                other = [d for d in range(3) if d != axis]
+                ax.scatter(vox[:, other[0]], vox[:, other[1]], s=8, c="tab:orange")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if axis == 0:
+                ax.set_ylabel(name)
+    fig.suptitle("groupwise template (row 1, keypoints in orange) and aligned scans")
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     finally:
         fig.clear()

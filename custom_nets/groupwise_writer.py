@@ -10,16 +10,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from .data.datasets import failure_message
-from .fileio import atomic_write, write_csv, write_itk_affine, write_json
+from .data.demo import save_nifti
+from .figures import save_template_png
+from .fileio import write_csv, write_itk_affine, write_json
 from .geometry import resample_to_image
 from .volumes import load_volume, output_stem, read_volume
 
-__all__ = ["GroupwiseWriter", "save_template_png"]
+__all__ = ["GroupwiseWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,6 @@ COLUMNS = (
 )  # fmt: skip
 #: Aligned scans shown in template.png besides the template.
 PREVIEWS = 3
-
-
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, dtype: Any = np.float32) -> None:
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 class GroupwiseWriter:
@@ -105,7 +99,7 @@ class GroupwiseWriter:
         if self.write_aligned:
             img = load_volume(str(path))
             data = resample_to_image(read_volume(img, str(path)), img.affine, shape, affine.numpy(), a[None])
-            _save_nifti(data, affine.numpy(), self.output_dir / f"{stem}_in_template.nii.gz")
+            save_nifti(data, affine.numpy(), self.output_dir / f"{stem}_in_template.nii.gz")
         if label is not None:
             self._vote(label, a, shape, affine)
         row = {"image": str(path), "stem": stem, "view": int(view), **quality}
@@ -137,10 +131,10 @@ class GroupwiseWriter:
     ) -> dict[str, Any]:  # fmt: skip
         """Write the template files, ``groupwise.csv`` and ``failures.json``; return the run's summary."""
         volume = template[0, 0].float().cpu().numpy()
-        _save_nifti(volume, affine.numpy(), self.output_dir / "template.nii.gz")
+        save_nifti(volume, affine.numpy(), self.output_dir / "template.nii.gz")
         labels = self.template_label()
         if labels is not None:
-            _save_nifti(labels, affine.numpy(), self.output_dir / "template_label.nii.gz", np.int16)
+            save_nifti(labels, affine.numpy(), self.output_dir / "template_label.nii.gz", np.int16)
         write_json(
             self.output_dir / "template_keypoints.json",
             {"keypoints_ras": keypoints.cpu().numpy(), "mass": mass.cpu().numpy(), "transform_type": transform_type,
@@ -156,36 +150,3 @@ class GroupwiseWriter:
                    "suspect": suspect, "output_dir": str(self.output_dir)}  # fmt: skip
         logger.info("groupwise: %s", summary)
         return summary
-
-
-def save_template_png(
-    path: Path, template: np.ndarray, affine: np.ndarray, keypoints: np.ndarray, aligned: list[tuple[str, np.ndarray]]
-) -> Path:
-    """Template montage: one row for the template with its keypoints (projected onto each slice), one per aligned
-    scan; columns: the three orthogonal slices through the template grid's centre."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = [("template", template)] + list(aligned)
-    fig = Figure(figsize=(9.0, 3.0 * len(rows)))
-    FigureCanvasAgg(fig)
-    centre = [n // 2 for n in template.shape]
-    vox = (np.c_[keypoints, np.ones(len(keypoints))] @ np.linalg.inv(affine).T)[:, :3]
-    hi = float(np.percentile(template[template > 0], 99.5)) if (template > 0).any() else 1.0
-    for r, (name, volume) in enumerate(rows):
-        for axis in range(3):
-            ax = fig.add_subplot(len(rows), 3, 3 * r + axis + 1)
-            plane = np.take(volume, centre[axis], axis=axis)
-            ax.imshow(plane.T, origin="lower", cmap="gray", vmin=0.0, vmax=hi)
-            if r == 0:
-                other = [d for d in range(3) if d != axis]
-                ax.scatter(vox[:, other[0]], vox[:, other[1]], s=8, c="tab:orange")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if axis == 0:
-                ax.set_ylabel(name)
-    fig.suptitle("groupwise template (row 1, keypoints in orange) and aligned scans")
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    finally:
-        fig.clear()
