@@ -24,7 +24,7 @@ define check_free_disk
 endef
 
 .PHONY: install label-install label-serve test demo release clean bench bench-quick bench-weights bench-memory \
-	bench-stress bench-stress-quick bench-stress-raw bench-brainmask bench-groupwise calibrate-quality
+	bench-stress bench-stress-quick bench-stress-raw bench-brainmask bench-groupwise bench-cohort calibrate-quality
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(call check_free_disk,$(VENV_GB),$(VENV))
@@ -102,6 +102,11 @@ bench-brainmask: install
 # Groupwise registration of 10 synthetic subjects in poses up to 180 degrees, against ANTs build_template
 bench-groupwise: install
 	$(PY) benchmarks/bench_groupwise.py main --num 10 --max_angle 180 --ants True --out_dir bench_groupwise_out
+
+# Batch inference of a 200-pair synthetic cohort with 1 and 2 processes (torchrun), pairs per second and their ratio,
+# peak memory per process at 50 and 200 pairs; on GPUs also 1 against all of them. Prints figures; summary.json.
+bench-cohort: install
+	$(PY) benchmarks/bench_cohort.py main --num 200 --memory_counts 50,200 --nproc 2 --work_dir bench_cohort_out
 
 # Refresh bundle/large_files.yml (SHA-256 of bundle/models/model.pt) and pack dist/<bundle>_v<version>.zip.
 release: install

@@ -140,6 +140,7 @@ def worker(out_dir: str, trim: bool = False, **overrides: object) -> None:
         logging_file="configs/logging.conf",
         workflow_type="infer",
         output_dir=out_dir,
+        resume=False,  # measured: every pair registered, even into a folder of an earlier run
         **overrides,
     )
     workflow.initialize()

@@ -152,6 +152,7 @@ class _KeyMorph:
         parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))
         parser["bundle_root"] = str(ROOT / "bundle")
         parser["refine"] = bool(refine)
+        parser["num_workers"] = 0  # the preprocessing runs here, in this process: the brain extractor on its device
         for key, value in (overrides or {}).items():
             parser[key] = value
         self.device = parser.get_parsed_content("device")

@@ -71,6 +71,9 @@ class AugmentationRamp:
 class ProgressBar:
     """ignite's tqdm progress bar with the running loss, as a MONAI-style handler (``attach(engine)``).
 
+    In a ``torch.distributed`` run of more than one process, every rank shows its own bar, labelled
+    ``<desc> [rank r/w]``.
+
     Args:
         desc: bar label.
         output_key: engine output key shown beside the bar (``None``: nothing).
@@ -83,7 +86,11 @@ class ProgressBar:
     def attach(self, engine: Engine) -> None:
         from ignite.handlers import ProgressBar as _Bar
 
+        from .cohort_run import distributed_rank
+
         key = self.output_key
+        rank, world = distributed_rank()
+        desc = self.desc if world == 1 else f"{self.desc} [rank {rank}/{world}]"
 
         def show(output: Any) -> dict[str, float]:
             if key is None or not isinstance(output, Mapping) or key not in output:
@@ -91,4 +98,4 @@ class ProgressBar:
             value = output[key]
             return {key: float(value.detach().mean()) if isinstance(value, torch.Tensor) else float(value)}
 
-        _Bar(persist=self.persist, desc=self.desc).attach(engine, output_transform=show)
+        _Bar(persist=self.persist, desc=desc).attach(engine, output_transform=show)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .cohort_run import distributed_rank
 from .fileio import write_csv, write_json
 from .metrics import SUCCESS_MM
 
@@ -36,6 +37,10 @@ class RegistrationReport:
     ``success``, ``dice``) and from the batch ``rotation_angle_deg``, contrasts / modalities, subjects and seed. The
     summary has, overall and per angle: pairs, success rate (error below 2 mm), median and mean error (mm), mean
     Dice and seconds per pair. Files are written atomically when the run completes.
+
+    In a ``torch.distributed`` run (``configs/multi_gpu_evaluate.json``: each rank evaluates its share through a
+    ``DistributedSampler`` without shuffling or padding, so rank ``r`` holds pairs ``r, r + w, ...``), the ranks'
+    rows are gathered and rank 0 writes one report with every pair once, in the dataset's order.
 
     Args:
         output_dir: folder for ``metrics.csv`` and ``summary.json``.
@@ -91,10 +96,11 @@ class RegistrationReport:
             "success": get(out, "success"),
             "dice": get(out, "dice"),
         }
+        rank, world = distributed_rank()
         for i in range(n):
             row = {k: v[i] for k, v in cols.items()}
             row["same_subject"] = row.pop("fixed_subject") == row.pop("moving_subject")
-            row["pair"], row["seconds"] = len(self.rows), seconds
+            row["pair"], row["seconds"] = rank + world * len(self.rows), seconds  # the sampler's order (see above)
             self.rows.append(row)
 
     def summary(self) -> dict[str, Any]:
@@ -125,6 +131,16 @@ class RegistrationReport:
         }
 
     def write(self, engine: Engine | None = None) -> None:
+        """Write ``metrics.csv`` and ``summary.json`` (gathered over the ranks; rank 0 writes)."""
+        rank, world = distributed_rank()
+        if world > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, self.rows)
+            self.rows = sorted((row for part in parts for row in part), key=lambda r: r["pair"])
+            if rank != 0:
+                return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_csv(self.output_dir / f"{self.prefix}metrics.csv", self.rows, self.COLUMNS)
         summary = self.summary()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .cohort_run import PAIR_KEY, CohortRun
 from .data.datasets import FAILURE_KEY, FAILURES_KEY
 from .data.transforms import mask_agreement_key
 from .engines import RegistrationFailure
@@ -60,10 +61,16 @@ class RegistrationWriter:
     be taken for this run's. The others are written as usual. A registered pair whose verdict is ``suspect`` is logged
     as a warning with the reasons; with ``fail_on_suspect`` it is a failure instead (stage ``quality``, its quality
     record in ``failures.json``, no outputs written). At the end of the run ``results.csv`` (one row per pair:
-    ``pair``, ``moving``, ``fixed``, ``status`` ``ok`` / ``failed``, ``stage``, ``error``, ``json``, the ``verdict``
-    and its ``reasons``, and the quality measures) and ``failures.json`` (the failed pairs; ``[]`` when none) are
-    written, and, with ``fail_on_error``, a :class:`RegistrationFailuresError` is raised if any pair failed, so
-    ``python -m monai.bundle run inference`` exits non-zero after writing every result it could.
+    ``pair`` (its position in the pair list), ``moving``, ``fixed``, ``status`` ``ok`` / ``failed``, ``stage``,
+    ``error``, ``json``, the ``verdict`` and its ``reasons``, and the quality measures) and ``failures.json`` (the
+    failed pairs; ``[]`` when none) are written, and, with ``fail_on_error``, a :class:`RegistrationFailuresError` is
+    raised if any pair failed, so ``python -m monai.bundle run inference`` exits non-zero after writing every result it
+    could.
+
+    With a :class:`~custom_nets.cohort_run.CohortRun` (``run``), the pairs of this process are its share of the list:
+    each JSON records what made it (``run``), the pairs the plan found complete (resume) and the clashes it decided
+    are rows of ``results.csv`` too, and the rows of every rank are merged, in the list's order, into the one
+    ``results.csv`` / ``failures.json`` that rank 0 writes.
 
     Args:
         output_dir: output folder.
@@ -71,6 +78,7 @@ class RegistrationWriter:
         device: device used to resample the originals.
         fail_on_error: raise at the end of the run if any pair failed.
         fail_on_suspect: treat a registration whose quality verdict is ``suspect`` as a failure (nothing written).
+        run: the plan of a sharded / resumable batch run (see :mod:`custom_nets.cohort_run`).
     """
 
     STATUS_COLUMNS = ("pair", "moving", "fixed", "status", "stage", "error", "json", "verdict", "reasons")
@@ -86,9 +94,11 @@ class RegistrationWriter:
         device: torch.device | str = "cpu",
         fail_on_error: bool = True,
         fail_on_suspect: bool = False,
+        run: CohortRun | None = None,
     ) -> None:
         self.output_dir, self.png, self.device = Path(output_dir), bool(png), device
         self.fail_on_error, self.fail_on_suspect = bool(fail_on_error), bool(fail_on_suspect)
+        self.run = run
         self.written: list[dict[str, str]] = []
         self.results: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
@@ -111,19 +121,21 @@ class RegistrationWriter:
             labels = batch.get("moving_label")
             masks = {side: batch.get(f"{side}_brainmask") for side in ("moving", "fixed")}
             agreements = [batch.get(mask_agreement_key(f"{side}_image")) for side in ("moving", "fixed")]
+            indices = batch.get(PAIR_KEY)
             for b in range(len(fixed_paths)):
                 label = labels[b] if isinstance(labels, (list, tuple)) else None
                 fixed, moving = str(fixed_paths[b]), str(moving_paths[b])
+                index = self._index(_item_value(indices, b))
                 item = pred[b] if isinstance(pred, list) else pred
                 if isinstance(item, RegistrationFailure):
-                    self._fail(moving, fixed, item.stage, item.error)
+                    self._fail(moving, fixed, item.stage, item.error, pair=index)
                     continue
                 if item is None:
-                    self._fail(moving, fixed, "register", "the network returned no result")
+                    self._fail(moving, fixed, "register", "the network returned no result", pair=index)
                     continue
                 item_masks = {s: m[b] for s, m in masks.items() if isinstance(m, torch.Tensor)}
                 _judge_mask_agreement(item, 0 if isinstance(pred, list) else b, [_item_value(a, b) for a in agreements])
-                self._write_isolated(item, 0 if isinstance(pred, list) else b, fixed, moving, label, item_masks)
+                self._write_isolated(item, 0 if isinstance(pred, list) else b, fixed, moving, label, item_masks, index)
         for record in batch.get(FAILURES_KEY) or []:
             info = record.get(FAILURE_KEY) or {}
             self._fail(
@@ -131,21 +143,35 @@ class RegistrationWriter:
                 record.get("fixed_image"),
                 str(info.get("stage", "load")),
                 str(info.get("error", "unknown error")),
+                pair=self._index(record.get(PAIR_KEY)),
             )
 
+    def _index(self, given: Any) -> int:
+        """The pair-list position of an item: the one it carries, else the order of the results (one process)."""
+        return len(self.results) if given is None else int(given)
+
     def _write_isolated(
-        self, pred: Any, b: int, fixed: str, moving: str, label: str | None, masks: Mapping[str, Any] | None = None
+        self,
+        pred: Any,
+        b: int,
+        fixed: str,
+        moving: str,
+        label: str | None,
+        masks: Mapping[str, Any] | None = None,
+        pair: int | None = None,
     ) -> None:
+        pair = self._index(pair)
         quality = _quality_of(pred, b)
         if quality is not None and quality.get("verdict") == "suspect":
             reasons = "; ".join(quality.get("reasons") or [])
             if self.fail_on_suspect:
-                self._fail(moving, fixed, "quality", f"suspect registration (--fail_on_suspect): {reasons}", quality)
+                self._fail(
+                    moving, fixed, "quality", f"suspect registration (--fail_on_suspect): {reasons}", quality, pair
+                )
                 return
             logger.warning(
-                "pair %d: moving %s, fixed %s registered, but the result is SUSPECT: %s", len(self.results), moving,
-                fixed, reasons,
-            )  # fmt: skip
+                "pair %d: moving %s, fixed %s registered, but the result is SUSPECT: %s", pair, moving, fixed, reasons
+            )
         stem = output_stem(moving)
         if stem in self._stems:
             self._fail(
@@ -154,21 +180,17 @@ class RegistrationWriter:
                 "write",
                 f"another pair of this run already wrote outputs named {stem!r} (same moving file name); refusing to "
                 "overwrite them",
+                pair=pair,
             )
             return
         try:
-            files = self.write_pair(pred, b, fixed, moving, label, masks)
+            files = self.write_pair(pred, b, fixed, moving, label, masks, pair)
         except Exception as err:  # recorded as this pair's failure; the others go on
-            self._fail(moving, fixed, "write", f"{type(err).__name__}: {err}")
+            self._fail(moving, fixed, "write", f"{type(err).__name__}: {err}", pair=pair)
             return
         self._stems.add(stem)
         self.written.append(files)
-        self.results.append(
-            {
-                "pair": len(self.results), "moving": moving, "fixed": fixed, "status": "ok", "json": files["json"],
-                **_quality_columns(quality),
-            }
-        )  # fmt: skip
+        self.results.append(_ok_row(pair, moving, fixed, files["json"], quality))
 
     def _outputs_of(self, stem: str) -> list[Path]:
         names = (
@@ -178,9 +200,15 @@ class RegistrationWriter:
         return [self.output_dir / n for n in names]
 
     def _fail(
-        self, moving: str | None, fixed: str | None, stage: str, error: str, quality: dict[str, Any] | None = None
+        self,
+        moving: str | None,
+        fixed: str | None,
+        stage: str,
+        error: str,
+        quality: dict[str, Any] | None = None,
+        pair: int | None = None,
     ) -> None:
-        record = {"pair": len(self.results), "moving": moving, "fixed": fixed, "stage": stage, "error": error}
+        record = {PAIR_KEY: self._index(pair), "moving": moving, "fixed": fixed, "stage": stage, "error": error}
         if quality is not None:
             record["quality"] = quality
         logger.error("pair %d failed at %s: moving %s, fixed %s: %s", record["pair"], stage, moving, fixed, error)
@@ -194,10 +222,25 @@ class RegistrationWriter:
         self.results.append({**row, "status": "failed", "json": "", **_quality_columns(quality)})
 
     def finish(self, engine: Engine | None = None) -> None:
-        """Write ``results.csv`` and ``failures.json``, log the count, and raise if any pair failed (see above)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(self.output_dir / "results.csv", self.results, self.STATUS_COLUMNS + self.QUALITY_COLUMNS)
-        write_json(self.output_dir / "failures.json", self.failures)
+        """Write ``results.csv`` and ``failures.json`` (merged over the ranks, on rank 0), log the count, and raise
+        if any pair failed (see above)."""
+        results, failures = list(self.results), list(self.failures)
+        if self.run is not None:
+            for item, record in self.run.resumed:
+                json_path = str(self.output_dir / f"{output_stem(str(item['moving_image']))}.json")
+                results.append(
+                    _ok_row(item[PAIR_KEY], item["moving_image"], item["fixed_image"], json_path, record.get("quality"))
+                )
+            for clash in self.run.clashes:
+                failures.append(dict(clash))
+                results.append({**clash, "status": "failed", "json": ""})
+            results = sorted(self.run.gather(results), key=lambda r: r[PAIR_KEY])
+            failures = sorted(self.run.gather(failures), key=lambda r: r[PAIR_KEY])
+        self.results, self.failures = results, failures
+        if self.run is None or self.run.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_csv(self.output_dir / "results.csv", self.results, self.STATUS_COLUMNS + self.QUALITY_COLUMNS)
+            write_json(self.output_dir / "failures.json", self.failures)
         total, failed = len(self.results), len(self.failures)
         suspect = sum(1 for r in self.results if r.get("status") == "ok" and r.get("verdict") == "suspect")
         if suspect:
@@ -225,13 +268,14 @@ class RegistrationWriter:
         moving_path: str,
         label_path: str | None,
         masks: Mapping[str, Any] | None = None,
+        pair: int | None = None,
     ) -> dict:
         """Write the outputs of batch item ``b`` of ``pred`` (``masks``: ``{"moving" / "fixed": (1, I, J, K)
-        MetaTensor}`` brain masks on any grid of the same world); on any error, the files already written for it are
-        removed and the error re-raised."""
+        MetaTensor}`` brain masks on any grid of the same world; ``pair``: its pair-list position, for the ``run``
+        record); on any error, the files already written for it are removed and the error re-raised."""
         files: dict[str, str] = {}
         try:
-            self._write_pair(pred, b, fixed_path, moving_path, label_path, files, masks or {})
+            self._write_pair(pred, b, fixed_path, moving_path, label_path, files, masks or {}, pair)
         except BaseException:
             for path in files.values():
                 Path(path).unlink(missing_ok=True)
@@ -265,6 +309,7 @@ class RegistrationWriter:
         label_path: str | None,
         files: dict[str, str],
         masks: Mapping[str, Any],
+        pair: int | None = None,
     ) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         stem = output_stem(moving_path)
@@ -334,6 +379,8 @@ class RegistrationWriter:
         for side, mask in masks.items():
             self._write_mask(mask, fixed_path if side == "fixed" else moving_path, side, moving_path, files)
         record["outputs"] = dict(files)
+        if self.run is not None and pair is not None:
+            record["run"] = self.run.stamp(pair)  # what made it: a rerun skips it only if that is unchanged
         files["json"] = str(self.output_dir / f"{stem}.json")
         write_json(files["json"], record)
 
@@ -359,6 +406,12 @@ def _quality_of(pred: Any, b: int) -> dict[str, Any] | None:
     network gave none, e.g. a traced model)."""
     records = getattr(pred, "quality", None)
     return dict(records[b]) if records else None
+
+
+def _ok_row(pair: int, moving: str, fixed: str, json_path: str, quality: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``results.csv`` row of a registered pair."""
+    return {PAIR_KEY: pair, "moving": moving, "fixed": fixed, "status": "ok", "json": json_path,
+            **_quality_columns(quality)}  # fmt: skip
 
 
 def _quality_columns(quality: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -41,16 +41,29 @@ def benchmark_module(name: str):
     return module
 
 
-def bundle_cli(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle ...`` in the bundle folder. With ``check`` the test fails with the command's
-    output unless it succeeded; otherwise the return code is the caller's to check."""
+def torchrun_command(nproc: int = 2) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N`` (a free rendezvous port on this host) as a command prefix; the
+    processes then run ``-m <module> ...`` on CPU with gloo."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def bundle_cli(
+    *args: str,
+    timeout: int = 600,
+    check: bool = True,
+    launcher: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle ...`` in the bundle folder (``launcher``: another command prefix than
+    ``python``, e.g. :func:`torchrun_command`; ``env``: extra environment variables). With ``check`` the test fails
+    with the command's output unless it succeeded; otherwise the return code is the caller's to check."""
     res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
+        [*(launcher or [sys.executable]), "-m", "monai.bundle", *args],
         cwd=BUNDLE,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})),
     )
     if check:
         assert res.returncode == 0, f"monai.bundle {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"

@@ -354,6 +354,8 @@ class BundleRegistration:
             "moving_label": str(moving_label) if moving_label else None,
             "output_dir": str(output_dir),
             "write_png": False,
+            "resume": False,  # a request registers now: never hand back a result of an earlier call
+            "num_workers": 0,  # one pair per request: no loader processes forked from the server
             "device": torch.device(device),
             **self.overrides,
             **overrides,
