@@ -34,6 +34,7 @@ from typing import Any
 
 import fire
 import numpy as np
+from bench_memory import _peak_bytes as peak_bytes  # this folder is on sys.path when a script of it runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
@@ -75,20 +76,6 @@ def make_cohort(work: Path, num: int, seed: int = 0) -> Path:
     return path
 
 
-def _peak_bytes() -> int:
-    """Peak resident set size of this process (``VmHWM``; ``ru_maxrss`` without ``/proc``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def wrapper(record: str, *args: str) -> None:
     """Run ``python -m monai.bundle *args`` in this process, then write its peak memory to ``record`` + rank."""
     sys.argv = ["monai.bundle", *args]
@@ -96,7 +83,7 @@ def wrapper(record: str, *args: str) -> None:
         runpy.run_module("monai.bundle", run_name="__main__")
     finally:
         rank = os.environ.get("RANK", "0")
-        Path(f"{record}.rank{rank}").write_text(str(_peak_bytes()))
+        Path(f"{record}.rank{rank}").write_text(str(peak_bytes()))
 
 
 def _run(work: Path, name: str, datalist: Path, nproc: int, extra: list[str], gpu: bool) -> dict[str, Any]:

@@ -14,7 +14,8 @@ GPU or per share of CPU cores, on one node or several; see ``configs/multi_gpu_i
   registered again (the difference is logged). Kill any process at any moment and run the same command again: every
   pair ends up exactly once in the outputs and in ``results.csv``.
 * **One record.** At the end the ranks exchange their rows (``torch.distributed.all_gather_object``) and rank 0
-  writes ``results.csv`` and ``failures.json``, one row per pair in the list's order, the resumed pairs included.
+  writes ``results.csv`` and ``failures.json``, one row per pair in the list's order, the resumed pairs included
+  (:func:`write_results`; the columns are :data:`RESULT_COLUMNS`).
 
 Two pairs of the list with the same moving file name would write the same outputs: the first owns the name, the
 others are failures of stage ``write`` decided before any work (by every rank alike).
@@ -30,12 +31,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from .fileio import sha256_file, to_jsonable
+from .fileio import sha256_file, to_jsonable, write_csv, write_json
 from .volumes import output_stem
 
-__all__ = ["CohortRun", "INPUT_KEYS", "PAIR_KEY", "RankLogFilter", "distributed_rank", "log_rank", "shard"]
+__all__ = [
+    "CohortRun",
+    "INPUT_KEYS",
+    "PAIR_KEY",
+    "RESULT_COLUMNS",
+    "RankLogFilter",
+    "all_gather",
+    "all_reduce_sum",
+    "distributed_rank",
+    "failed_row",
+    "log_rank",
+    "ok_row",
+    "quality_columns",
+    "shard",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +60,24 @@ logger = logging.getLogger(__name__)
 PAIR_KEY = "pair"
 #: The file fields of a pair item whose content decides its result (recorded and compared on resume).
 INPUT_KEYS = ("moving_image", "fixed_image", "moving_label", "moving_mask", "fixed_mask")
+#: The measures of a quality record (:mod:`custom_nets.quality`) that ``results.csv`` carries.
+QUALITY_COLUMNS = (
+    "nmi", "lncc", "foreground_overlap", "keypoint_residual_mm", "keypoints_used", "inverse_consistency_mm",
+    "mask_agreement",
+)  # fmt: skip
+#: The columns of ``results.csv``: one row per pair.
+RESULT_COLUMNS = (
+    PAIR_KEY,
+    "moving",
+    "fixed",
+    "status",
+    "stage",
+    "error",
+    "json",
+    "verdict",
+    "reasons",
+    *QUALITY_COLUMNS,
+)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -50,6 +85,27 @@ def distributed_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return int(dist.get_rank()), int(dist.get_world_size())
     return 0, 1
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (a collective call); ``[obj]`` alone."""
+    world = distributed_rank()[1]
+    if world == 1:
+        return [obj]
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of ``tensor`` (a collective call; with nccl the sum is made on this rank's GPU and
+    returned on ``tensor``'s device); ``tensor`` itself alone."""
+    if distributed_rank()[1] == 1:
+        return tensor
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    total = tensor.detach().to(on).clone()
+    dist.all_reduce(total)
+    return total.to(tensor.device)
 
 
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
@@ -239,9 +295,7 @@ class CohortRun:
         """Every rank's ``rows`` together (a collective call: every rank must make it), on every rank."""
         if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return list(rows)
-        parts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(parts, list(rows))
-        return [row for part in parts for row in part]
+        return [row for part in all_gather(list(rows)) for row in part]
 
 
 class RankLogFilter(logging.Filter):
@@ -270,3 +324,57 @@ def log_rank() -> None:
         for handler in lg.handlers:
             if not any(isinstance(f, RankLogFilter) for f in handler.filters):
                 handler.addFilter(RankLogFilter(rank, world))
+
+
+def quality_columns(quality: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``results.csv`` columns of a quality record: verdict, reasons (joined), measures rounded to 4 digits."""
+    if quality is None:
+        return {}
+    row: dict[str, Any] = {"verdict": quality.get("verdict", ""), "reasons": "; ".join(quality.get("reasons") or [])}
+    for key in QUALITY_COLUMNS:
+        value = quality.get(key)
+        row[key] = "" if value is None else round(float(value), 4)
+    return row
+
+
+def ok_row(pair: int, moving: str, fixed: str, json_path: str, quality: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``results.csv`` row of a registered pair."""
+    return {PAIR_KEY: pair, "moving": moving, "fixed": fixed, "status": "ok", "json": json_path,
+            **quality_columns(quality)}  # fmt: skip
+
+
+def failed_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``results.csv`` row of a failure record (``pair``, ``moving``, ``fixed``, ``stage``, ``error`` and,
+    for a suspect result refused, its ``quality``)."""
+    row = {k: v for k, v in record.items() if k != "quality"}
+    return {**row, "status": "failed", "json": "", **quality_columns(record.get("quality"))}
+
+
+def write_results(
+    output_dir: str | os.PathLike,
+    results: Sequence[Mapping[str, Any]],
+    failures: Sequence[Mapping[str, Any]],
+    run: CohortRun | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write ``results.csv`` (one row per pair, :data:`RESULT_COLUMNS`) and ``failures.json`` of a batch run.
+
+    With a ``run``, this process's rows are completed by the pairs the plan found done (rows rebuilt from their
+    JSON) and its name clashes, every rank's rows are gathered (a collective call: every rank makes it), and rank 0
+    alone writes. Returns every row and failure record, sorted by pair (on every rank)."""
+    output_dir = Path(output_dir)
+    results, failures = [dict(r) for r in results], [dict(f) for f in failures]
+    if run is not None:
+        for item, record in run.resumed:
+            json_path = str(output_dir / f"{output_stem(str(item['moving_image']))}.json")
+            results.append(
+                ok_row(item[PAIR_KEY], item["moving_image"], item["fixed_image"], json_path, record.get("quality"))
+            )
+        failures += [dict(c) for c in run.clashes]
+        results += [failed_row(c) for c in run.clashes]
+        results = sorted(run.gather(results), key=lambda r: r[PAIR_KEY])
+        failures = sorted(run.gather(failures), key=lambda r: r[PAIR_KEY])
+    if run is None or run.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(output_dir / "results.csv", results, RESULT_COLUMNS)
+        write_json(output_dir / "failures.json", failures)
+    return results, failures

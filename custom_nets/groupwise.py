@@ -11,6 +11,11 @@ Template space (the gauge): the mean of the scans' ``template_to_scan`` transfor
 about the template keypoints' centroid), so the template sits at the group's mean pose and favours no scan. With a
 ``reference`` image it sits in the reference's world instead (e.g. an MNI atlas).
 
+Several processes (``torchrun`` with ``configs/multi_gpu_inference.json`` listed after ``groupwise.json``): scan ``i``
+belongs to rank ``i % world_size``. Each rank detects its scans' keypoints, the keypoints are gathered and the
+closed-form fits are made once (by every rank alike: cheap and deterministic), each rank refines and resamples its own
+scans, the template's running sums are added over the ranks, and rank 0 writes the files of the whole cohort.
+
 Coordinates: world mm (RAS) of each scan's file; ``template_to_scan`` maps a template-space point to the scan's world
 point (the pull-back that resamples the scan into template space); ``scan_to_template`` is its inverse.
 """
@@ -25,7 +30,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .cohort_run import all_gather, all_reduce_sum, distributed_rank, shard
 from .data.cohort import cohort_images, cohort_labels
+from .data.datasets import failure_message
 from .geometry import apply_affine, as_tensor, batch_affine, resample, voxel_to_world
 from .groupwise_fit import KeypointGroupFit, ScanKeypoints, UnusableScans, inverse
 from .keymorph import KeyMorph, check_transform_type
@@ -170,10 +177,11 @@ class GroupwiseRegistration:
         polished against it by :attr:`refiner`. Returns the template and the (refined) transforms ``(N, 4, 4)``."""
         total = torch.zeros((1, 1, *shape), device=self.device)
         count = torch.zeros_like(total)
-        out = transforms.clone()
+        out = torch.zeros_like(transforms)  # each rank fills its scans' rows; the others add theirs below
         grid_affine = affine.to(self.device)[None]
-        for n, scan in enumerate(tqdm(scans, desc=desc, unit="scan")):
-            _, _, fine, fine_affine = self._load(scan.path)
+        for n in tqdm(self._mine(len(scans)), desc=self._desc(desc), unit="scan"):
+            _, _, fine, fine_affine = self._load(scans[n].path)
+            out[n] = transforms[n]
             with torch.no_grad():
                 if refine_to is not None and self.refiner is not None:
                     start = out[n].to(self.device)[None].float()
@@ -181,7 +189,18 @@ class GroupwiseRegistration:
                 warped, cover = self._warp(fine, fine_affine, out[n], shape, affine)
             total += warped
             count += cover
+        total, count, out = all_reduce_sum(total), all_reduce_sum(count), all_reduce_sum(out)
         return total / count.clamp(min=1e-6) * (count > 0.5), out
+
+    @staticmethod
+    def _mine(count: int) -> list[int]:
+        """The indices of this rank's share of ``count`` scans (all of them in one process)."""
+        return shard(range(count), *distributed_rank())
+
+    @staticmethod
+    def _desc(desc: str) -> str:
+        rank, world = distributed_rank()
+        return desc if world == 1 else f"{desc} [rank {rank}/{world}]"
 
     def move_space(
         self, g: torch.Tensor, keypoints: torch.Tensor, transforms: torch.Tensor, image: torch.Tensor,
@@ -229,13 +248,20 @@ class GroupwiseRegistration:
         from .groupwise_writer import GroupwiseWriter
 
         writer = GroupwiseWriter(self.output_dir, self.png, self.write_aligned)
-        scans: list[ScanKeypoints] = []
-        for path, label in zip(tqdm(self.images, desc="detect", unit="scan"), self.labels):
+        stems = [writer.stem(path) for path in self.images]  # every rank names every scan alike
+        found: list[tuple[int, ScanKeypoints | str]] = []
+        for i in tqdm(self._mine(len(self.images)), desc=self._desc("detect"), unit="scan"):
             try:
-                scans.append(self._detect(path, writer.stem(path)))
-                scans[-1].label = label
+                found.append((i, self._detect(self.images[i], stems[i])))
+                found[-1][1].label = self.labels[i]
             except Exception as err:  # recorded; the rest of the cohort goes on
-                writer.fail(path, "load", err)
+                found.append((i, failure_message(err)))
+        scans: list[ScanKeypoints] = []
+        for i, scan in sorted((item for part in all_gather(found) for item in part), key=lambda item: item[0]):
+            if isinstance(scan, str):
+                writer.fail(self.images[i], "load", scan)
+            else:
+                scans.append(scan)
         if len(scans) < 2:
             writer.finish_failures()
             raise RuntimeError(
@@ -271,7 +297,8 @@ class GroupwiseRegistration:
         residuals = self.keypoint_fit.residuals(scans, keypoints, mass)
         grid_affine = affine.to(self.device)[None]
         total, count = torch.zeros_like(image), torch.zeros_like(image)
-        for n, scan in enumerate(tqdm(scans, desc="write", unit="scan")):
+        for n in tqdm(self._mine(len(scans)), desc=self._desc("write"), unit="scan"):
+            scan = scans[n]
             _, _, fine, fine_affine = self._load(scan.path)
             a = transforms[n]
             with torch.no_grad():
@@ -285,5 +312,6 @@ class GroupwiseRegistration:
             points = scan.points[scan.view]
             record = (scan.path, scan.stem, a, points, weights[n], scan.view, self.kind, quality)
             writer.scan(*record, warped, shape, affine, scan.label)
+        total, count = all_reduce_sum(total), all_reduce_sum(count)
         template = total / count.clamp(min=1e-6) * (count > 0.5)
         return writer.finish(template, affine, keypoints[0], mass[0], len(self.images), self.kind, gauge)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cohort_run import all_gather, distributed_rank
 from .data.datasets import failure_message
 from .data.demo import save_nifti
 from .figures import save_template_png
@@ -51,7 +52,7 @@ class GroupwiseWriter:
         self.failures: list[dict[str, Any]] = []
         self.previews: list[tuple[str, np.ndarray]] = []
         self.votes: dict[int, np.ndarray] = {}  # label value -> scans voting for it, per template voxel
-        self._stems: set[str] = set()
+        self._stems: dict[str, None] = {}  # in the cohort's order
 
     def stem(self, path: str) -> str:
         """The output name of a scan: its file name without the image extension, ``_2``, ``_3``... if taken."""
@@ -60,17 +61,35 @@ class GroupwiseWriter:
         while stem in self._stems:
             n += 1
             stem = f"{base}_{n}"
-        self._stems.add(stem)
+        self._stems[stem] = None
         return stem
 
-    def fail(self, path: str, stage: str, err: BaseException) -> None:
-        """Record a scan that cannot be used (it is left out of the template)."""
-        message = failure_message(err)
+    def fail(self, path: str, stage: str, err: BaseException | str) -> None:
+        """Record a scan that cannot be used (it is left out of the template); ``err``: the error or its message."""
+        message = err if isinstance(err, str) else failure_message(err)
         logger.warning("groupwise: %s left out (%s): %s", path, stage, message)
         self.failures.append({"image": str(path), "stage": stage, "error": message})
 
-    def finish_failures(self) -> Path:
+    def finish_failures(self) -> Path | None:
+        """Write ``failures.json`` (rank 0 of a distributed run: every rank records every failure alike)."""
+        if distributed_rank()[0] != 0:
+            return None
         return write_json(self.output_dir / "failures.json", self.failures)
+
+    def _gather(self) -> None:
+        """In a distributed run, every rank's rows, label votes and previews together (each rank wrote its own
+        scans), rows in the cohort's order."""
+        if distributed_rank()[1] == 1:
+            return
+        parts = all_gather((self.rows, self.votes, self.previews))
+        order = {stem: n for n, stem in enumerate(self._stems)}
+        self.rows = sorted((row for rows, _, _ in parts for row in rows), key=lambda row: order[row["stem"]])
+        self.previews = [p for _, _, previews in parts for p in previews][:PREVIEWS]
+        votes: dict[int, np.ndarray] = {}
+        for _, part, _ in parts:
+            for value, count in part.items():
+                votes[value] = votes.get(value, 0) + count
+        self.votes = votes
 
     def scan(
         self, path: str, stem: str, template_to_scan: torch.Tensor, keypoints: torch.Tensor, weights: torch.Tensor,
@@ -129,7 +148,14 @@ class GroupwiseWriter:
         self, template: torch.Tensor, affine: torch.Tensor, keypoints: torch.Tensor, mass: torch.Tensor,
         cohort_size: int, transform_type: str, gauge: str,
     ) -> dict[str, Any]:  # fmt: skip
-        """Write the template files, ``groupwise.csv`` and ``failures.json``; return the run's summary."""
+        """Write the template files, ``groupwise.csv`` and ``failures.json`` (rank 0, with every rank's scans);
+        return the run's summary."""
+        self._gather()
+        suspect = sum(r.get("verdict") == "suspect" for r in self.rows)
+        summary = {"scans": cohort_size, "registered": len(self.rows), "failed": len(self.failures),
+                   "suspect": suspect, "output_dir": str(self.output_dir)}  # fmt: skip
+        if distributed_rank()[0] != 0:
+            return summary
         volume = template[0, 0].float().cpu().numpy()
         save_nifti(volume, affine.numpy(), self.output_dir / "template.nii.gz")
         labels = self.template_label()
@@ -145,8 +171,5 @@ class GroupwiseWriter:
         if self.png:
             save_template_png(self.output_dir / "template.png", volume, affine.numpy(), keypoints.cpu().numpy(),
                               self.previews)  # fmt: skip
-        suspect = sum(r.get("verdict") == "suspect" for r in self.rows)
-        summary = {"scans": cohort_size, "registered": len(self.rows), "failed": len(self.failures),
-                   "suspect": suspect, "output_dir": str(self.output_dir)}  # fmt: skip
         logger.info("groupwise: %s", summary)
         return summary

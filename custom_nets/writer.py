@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .cohort_run import PAIR_KEY, CohortRun
+from .cohort_run import PAIR_KEY, CohortRun, failed_row, ok_row, write_results
 from .data.datasets import FAILURE_KEY, FAILURES_KEY
 from .data.transforms import mask_agreement_key
 from .engines import RegistrationFailure
 from .figures import save_registration_png
-from .fileio import write_csv, write_itk_affine, write_json
+from .fileio import write_itk_affine, write_json
 from .geometry import resample_to_image
 from .quality import with_mask_agreement
 from .volumes import load_volume, output_stem, read_volume, save_like
@@ -80,12 +80,6 @@ class RegistrationWriter:
         fail_on_suspect: treat a registration whose quality verdict is ``suspect`` as a failure (nothing written).
         run: the plan of a sharded / resumable batch run (see :mod:`custom_nets.cohort_run`).
     """
-
-    STATUS_COLUMNS = ("pair", "moving", "fixed", "status", "stage", "error", "json", "verdict", "reasons")
-    QUALITY_COLUMNS = (
-        "nmi", "lncc", "foreground_overlap", "keypoint_residual_mm", "keypoints_used", "inverse_consistency_mm",
-        "mask_agreement",
-    )  # fmt: skip
 
     def __init__(
         self,
@@ -190,7 +184,7 @@ class RegistrationWriter:
             return
         self._stems.add(stem)
         self.written.append(files)
-        self.results.append(_ok_row(pair, moving, fixed, files["json"], quality))
+        self.results.append(ok_row(pair, moving, fixed, files["json"], quality))
 
     def _outputs_of(self, stem: str) -> list[Path]:
         names = (
@@ -218,29 +212,12 @@ class RegistrationWriter:
                     logger.warning("removing %s: its pair failed in this run", old)
                     old.unlink(missing_ok=True)
         self.failures.append(record)
-        row = {k: v for k, v in record.items() if k != "quality"}
-        self.results.append({**row, "status": "failed", "json": "", **_quality_columns(quality)})
+        self.results.append(failed_row(record))
 
     def finish(self, engine: Engine | None = None) -> None:
         """Write ``results.csv`` and ``failures.json`` (merged over the ranks, on rank 0), log the count, and raise
         if any pair failed (see above)."""
-        results, failures = list(self.results), list(self.failures)
-        if self.run is not None:
-            for item, record in self.run.resumed:
-                json_path = str(self.output_dir / f"{output_stem(str(item['moving_image']))}.json")
-                results.append(
-                    _ok_row(item[PAIR_KEY], item["moving_image"], item["fixed_image"], json_path, record.get("quality"))
-                )
-            for clash in self.run.clashes:
-                failures.append(dict(clash))
-                results.append({**clash, "status": "failed", "json": ""})
-            results = sorted(self.run.gather(results), key=lambda r: r[PAIR_KEY])
-            failures = sorted(self.run.gather(failures), key=lambda r: r[PAIR_KEY])
-        self.results, self.failures = results, failures
-        if self.run is None or self.run.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_csv(self.output_dir / "results.csv", self.results, self.STATUS_COLUMNS + self.QUALITY_COLUMNS)
-            write_json(self.output_dir / "failures.json", self.failures)
+        self.results, self.failures = write_results(self.output_dir, self.results, self.failures, self.run)
         total, failed = len(self.results), len(self.failures)
         suspect = sum(1 for r in self.results if r.get("status") == "ok" and r.get("verdict") == "suspect")
         if suspect:
@@ -406,23 +383,6 @@ def _quality_of(pred: Any, b: int) -> dict[str, Any] | None:
     network gave none, e.g. a traced model)."""
     records = getattr(pred, "quality", None)
     return dict(records[b]) if records else None
-
-
-def _ok_row(pair: int, moving: str, fixed: str, json_path: str, quality: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``results.csv`` row of a registered pair."""
-    return {PAIR_KEY: pair, "moving": moving, "fixed": fixed, "status": "ok", "json": json_path,
-            **_quality_columns(quality)}  # fmt: skip
-
-
-def _quality_columns(quality: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``results.csv`` columns of a quality record: verdict, reasons (joined), measures rounded to 4 digits."""
-    if quality is None:
-        return {}
-    row: dict[str, Any] = {"verdict": quality.get("verdict", ""), "reasons": "; ".join(quality.get("reasons") or [])}
-    for key in RegistrationWriter.QUALITY_COLUMNS:
-        value = quality.get(key)
-        row[key] = "" if value is None else round(float(value), 4)
-    return row
 
 
 def _verdict_title(quality: Mapping[str, Any] | None) -> str:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import bundle_cli
+from helpers import bundle_cli, torchrun_command
 from scipy.linalg import logm, polar
 from scipy.spatial.transform import Rotation
 
@@ -156,6 +156,36 @@ def test_groupwise_records_a_scan_it_cannot_read_and_builds_the_template_from_th
     assert np.allclose(np.abs(np.diag(template.affine)[:3]), 2.0) and float(np.asarray(template.dataobj).max()) > 0.5
     assert (groupwise_run / "template.png").stat().st_size > 10_000
     assert not (groupwise_run / "broken_to_template.json").exists()
+
+
+def test_groupwise_on_two_ranks_writes_what_one_process_writes(cohort, groupwise_run):
+    """``torchrun`` with ``multi_gpu_inference.json`` after ``groupwise.json``: the scans shared over two ranks (the
+    broken one on rank 1), keypoints gathered, the fits made once, refinement and resampling sharded: the same files,
+    the same transforms and one CSV / failures.json, as the one-process run of the same cohort."""
+    out = cohort["root"] / "out_two_ranks"
+    images = [cohort["paths"][0], cohort["broken"], *cohort["paths"][1:]]
+    labels = [cohort["labels"][0], None, *cohort["labels"][1:]]
+    res = bundle_cli(
+        "run", "groupwise", "--config_file",
+        "['configs/inference.json','configs/groupwise.json','configs/multi_gpu_inference.json']",
+        "--images", str(images), "--labels", str(labels), "--output_dir", str(out), timeout=1200,
+        launcher=torchrun_command(2),
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in groupwise_run.iterdir())
+    for i in range(3):
+        one, two = (json.loads((d / f"scan{i}_to_template.json").read_text()) for d in (groupwise_run, out))
+        diff = np.asarray(one["template_to_scan_ras"]) - np.asarray(two["template_to_scan_ras"])
+        assert np.abs(diff[:3, :3]).max() < 1e-3 and np.abs(diff[:3, 3]).max() < 0.05, (i, diff)
+        assert one["view"] == two["view"] and two["quality"]["verdict"] == "ok"
+    one_rows, two_rows = ((d / "groupwise.csv").read_text().splitlines() for d in (groupwise_run, out))
+    assert [r.split(",")[:3] for r in two_rows] == [r.split(",")[:3] for r in one_rows]  # image, stem, view in order
+    assert json.loads((out / "failures.json").read_text()) == json.loads((groupwise_run / "failures.json").read_text())
+    import nibabel as nib
+
+    labels_one, labels_two = (np.asarray(nib.load(d / "template_label.nii.gz").dataobj) for d in (groupwise_run, out))
+    assert np.mean(labels_one == labels_two) > 0.999
+    log = res.stdout + res.stderr
+    assert "detect [rank 1/2]" in log and "write [rank 0/2]" in log
 
 
 def test_groupwise_with_a_reference_puts_the_template_in_its_world(cohort):
