@@ -252,18 +252,18 @@ class CohortRun:
         path = self.output_dir / f"{stem}.json"
         if not path.is_file():
             return None
-        why = self._difference(path, item)
+        try:
+            record = json.loads(path.read_text())
+            why = self._difference(path, record, item)
+        except (OSError, ValueError) as err:
+            why = f"{path} cannot be read ({type(err).__name__}: {err})"
         if why is None:
-            return json.loads(path.read_text())
+            return record
         logger.warning("pair %d (moving %s): %s; registering it again", item[PAIR_KEY], item.get("moving_image"), why)
         return None
 
-    def _difference(self, path: Path, item: Mapping[str, Any]) -> str | None:
-        """Why the outputs recorded in ``path`` are not this run's result for ``item`` (``None``: they are)."""
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            return f"{path} cannot be read ({type(err).__name__}: {err})"
+    def _difference(self, path: Path, record: Any, item: Mapping[str, Any]) -> str | None:
+        """Why ``record`` (the JSON at ``path``) is not this run's result for ``item`` (``None``: it is)."""
         run = record.get("run") if isinstance(record, Mapping) else None
         if not isinstance(run, Mapping):
             return f"{path} does not record what made it (an older version, or not an output of this bundle)"
@@ -293,8 +293,6 @@ class CohortRun:
 
     def gather(self, rows: Sequence[Any]) -> list[Any]:
         """Every rank's ``rows`` together (a collective call: every rank must make it), on every rank."""
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return list(rows)
         return [row for part in all_gather(list(rows)) for row in part]
 
 

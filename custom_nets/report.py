@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .cohort_run import distributed_rank
+from .cohort_run import all_gather, distributed_rank
 from .fileio import write_csv, write_json
 from .metrics import SUCCESS_MM
 
@@ -134,11 +134,7 @@ class RegistrationReport:
         """Write ``metrics.csv`` and ``summary.json`` (gathered over the ranks; rank 0 writes)."""
         rank, world = distributed_rank()
         if world > 1:
-            import torch.distributed as dist
-
-            parts: list[Any] = [None] * world
-            dist.all_gather_object(parts, self.rows)
-            self.rows = sorted((row for part in parts for row in part), key=lambda r: r["pair"])
+            self.rows = sorted((row for part in all_gather(self.rows) for row in part), key=lambda r: r["pair"])
             if rank != 0:
                 return
         self.output_dir.mkdir(parents=True, exist_ok=True)
