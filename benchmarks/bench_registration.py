@@ -146,7 +146,7 @@ class _KeyMorph:
         from monai.bundle import ConfigParser
         from monai.data import list_data_collate
 
-        from custom_nets.checkpoints import VerifiedCheckpointLoader
+        from custom_nets.weights import VerifiedCheckpointLoader
 
         parser = ConfigParser()
         parser.read_config(str(ROOT / "bundle" / "configs" / "inference.json"))

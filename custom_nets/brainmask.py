@@ -287,10 +287,10 @@ def load_brain_extractor(
 
     Raises:
         FileNotFoundError: no weights file.
-        custom_nets.checkpoints.WeightsIntegrityError: the file's SHA-256 differs from the recorded one, the shipped
+        custom_nets.weights.WeightsIntegrityError: the file's SHA-256 differs from the recorded one, the shipped
             weights have no recorded SHA-256, or the file is not weights of this network (the message names the file).
     """
-    from .checkpoints import VerifiedCheckpointLoader, WeightsIntegrityError, expected_sha256
+    from .weights import VerifiedCheckpointLoader, WeightsIntegrityError, expected_sha256
 
     path = Path(weights) if weights is not None else DEFAULT_BRAIN_EXTRACTOR_WEIGHTS
     listing = Path(large_files) if large_files is not None else path.resolve().parents[1] / "large_files.yml"

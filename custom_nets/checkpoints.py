@@ -1,13 +1,15 @@
-"""Checkpointing handlers of the bundle's training and the verified weights loader of its evaluation / inference.
+"""Checkpointing of the bundle's training: a thin layer over ignite's ``Checkpoint`` / ``DiskSaver`` and MONAI's
+``CheckpointLoader``.
 
 :class:`AtomicCheckpointSaver` writes training state atomically (refusing NaN / Inf state),
 :class:`ResumeFromCheckpoint` resumes from the newest readable checkpoint (naming a corrupt one),
-:class:`VerifiedCheckpointLoader` loads weights only after their SHA-256 matched ``large_files.yml``.
-Each has ``attach(engine)`` (MONAI handler style).
+:func:`state_fingerprint` says whether two states are equal. Each handler has ``attach(engine)`` (MONAI handler
+style). Weights for evaluation and inference are loaded by :class:`custom_nets.weights.VerifiedCheckpointLoader`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -18,17 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-
-from .fileio import atomic_write, sha256_file
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader
 
 __all__ = [
     "AtomicCheckpointSaver",
-    "CHECKPOINT_NETWORK_KEY",
     "NonFiniteStateError",
     "ResumeFromCheckpoint",
-    "VerifiedCheckpointLoader",
-    "WeightsIntegrityError",
-    "expected_sha256",
     "find_checkpoints",
     "state_fingerprint",
 ]
@@ -82,34 +80,68 @@ def state_fingerprint(state: Any) -> str:
     """SHA-256 (first 16 hex digits) of a nested state dict's content: keys, tensor dtypes, shapes and bytes, and
     scalar values. Equal fingerprints mean equal states; :class:`ResumeFromCheckpoint` logs the fingerprint of what
     it restored, so a resumed run can be checked against the checkpoint file."""
-    import hashlib
-
     digest = hashlib.sha256()
     _fingerprint_update(digest, state)
     return digest.hexdigest()[:16]
 
 
+class _FiniteDiskSaver(DiskSaver):
+    """ignite's atomic :class:`~ignite.handlers.DiskSaver` (temporary file, then rename) that refuses NaN / Inf state
+    and deletes a rotated-out checkpoint only once its successor is on disk.
+
+    ignite's :class:`~ignite.handlers.Checkpoint` asks its save handler to remove the oldest file *before* it saves the
+    new one; here the removal waits for the successful save, so a refused (non-finite) or interrupted save keeps the
+    previous checkpoints, and a file saved again under its own name (``best_model.pt``) is replaced, never missing.
+    """
+
+    def __init__(self, dirname: str | os.PathLike) -> None:
+        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False)
+        self._to_remove: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        path = self.dirname / filename
+        bad = _nonfinite_entries(checkpoint)
+        if bad:
+            self._to_remove.clear()
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteStateError(
+                f"{path}: refusing to save a checkpoint with NaN / Inf values in {shown} (training diverged); the "
+                "previous checkpoints are kept."
+            )
+        super().__call__(checkpoint, filename, metadata)
+        logger.info("saved %s", path)
+        for old in self._to_remove:
+            if old != filename:
+                super().remove(old)
+        self._to_remove.clear()
+
+    def remove(self, filename: str) -> None:
+        self._to_remove.append(filename)
+
+
 class AtomicCheckpointSaver:
     """Save training state atomically: the file under its final name is always complete.
 
-    Files are written through a temporary file and a rename (:func:`~custom_nets.fileio.atomic_write`), so a run killed
-    at any moment leaves the previous checkpoints intact. The handler does no collective communication, so in
-    multi-GPU training it is attached on rank 0 only.
+    A thin layer over ignite's :class:`~ignite.handlers.Checkpoint` (rotation, best-metric keeping) and its atomic
+    :class:`~ignite.handlers.DiskSaver`; what it adds: saving on an iteration *and* an epoch schedule into one
+    ``<prefix>_<iteration>.pt`` series, refusing NaN / Inf state, keeping ``n_saved`` across a resume (the
+    checkpoints a resumed run continues from are rotated out as it saves), and a fixed-name copy (``model.pt``) that
+    loads straight into the network. The handler does no collective communication, so in multi-GPU training it is
+    attached on rank 0 only.
 
     Args:
         save_dir: folder of the checkpoints.
         save_dict: objects to save, e.g. ``{"network": net, "optimizer": opt}``.
         every_n_iterations: save every N iterations (``None``: never by iteration).
         every_n_epochs: save every N epochs (``None``: never by epoch).
-        n_saved: keep the last N periodic checkpoints (or the N best with ``key_metric``); the checkpoints already
-            in ``save_dir`` of an iteration before this run's first save (those a resumed run continues from) count,
-            so the folder keeps the last N.
+        n_saved: keep the last N periodic checkpoints; the checkpoints already in ``save_dir`` of an iteration before
+            this run's first save (those a resumed run continues from) count, so the folder keeps the last N.
         prefix: file name prefix: files are ``<prefix>_<iteration>.pt``.
         final_filename: also save at the end of the run (or, with ``key_metric``, at each new best) under this exact
             name; a single object in ``save_dict`` is saved as its bare state dict, so e.g. ``model.pt`` loads with
             ``torch.load(weights_only=True)`` straight into the network.
         key_metric: instead of periodic saving, save when this metric of the attached engine (e.g. a validator)
-            improves (higher is better).
+            improves (higher is better; NaN / missing values never count as an improvement).
         engine_key: also save the attached engine's state (epoch, iteration) under this key (``None``: do not);
             configs cannot reference the trainer from its own handler list, hence this.
 
@@ -139,8 +171,10 @@ class AtomicCheckpointSaver:
             final_filename,
             key_metric,
         )
-        self.best: float | None = None
-        self.saved: list[Path] = []
+        self._disk: _FiniteDiskSaver | None = None
+        self._periodic: Checkpoint | None = None
+        self._best: Checkpoint | None = None
+        self._last_iteration: int | None = None
 
     def attach(self, engine: Engine) -> None:
         if self.engine_key:
@@ -157,6 +191,13 @@ class AtomicCheckpointSaver:
         if self.final_filename:
             engine.add_event_handler(Events.COMPLETED, lambda e: self._write(self.save_dir / str(self.final_filename)))
 
+    @property
+    def disk(self) -> _FiniteDiskSaver:
+        """The save handler (made at the first save, so that ``save_dir`` is created only when something is saved)."""
+        if self._disk is None:
+            self._disk = _FiniteDiskSaver(self.save_dir)
+        return self._disk
+
     def state(self) -> Any:
         """What is saved: the bare state dict of a single object, else ``{key: state_dict}``."""
         if len(self.save_dict) == 1:
@@ -164,26 +205,29 @@ class AtomicCheckpointSaver:
         return {k: _state_of(v) for k, v in self.save_dict.items()}
 
     def _write(self, path: Path) -> Path:
-        state = self.state()
-        bad = _nonfinite_entries(state)
-        if bad:
-            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise NonFiniteStateError(
-                f"{path}: refusing to save a checkpoint with NaN / Inf values in {shown} (training diverged); the "
-                "previous checkpoints are kept."
-            )
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        logger.info("saved %s", path)
-        return path
+        """Save :meth:`state` as ``save_dir / path.name`` (atomically; NaN / Inf refused)."""
+        self.disk(self.state(), Path(path).name)
+        return self.save_dir / Path(path).name
 
     def _save_periodic(self, engine: Engine) -> None:
-        path = self.save_dir / f"{self.prefix}_{engine.state.iteration}.pt"
-        if path in self.saved:
+        iteration = int(engine.state.iteration)
+        if iteration == self._last_iteration:
             return  # the same iteration hit by the iteration and the epoch schedule
-        if not self.saved:  # a resumed run: the checkpoints it continues from count towards n_saved
+        extra: list[Path] = []
+        if self._periodic is None:
+            self._periodic = Checkpoint(
+                self.save_dict,
+                self.disk,
+                filename_prefix=self.prefix,
+                n_saved=self.n_saved,
+                global_step_transform=lambda e, _: int(e.state.iteration),
+                filename_pattern="{filename_prefix}_{global_step}.{ext}",
+            )
             found = find_checkpoints(self.save_dir, self.prefix)  # newest first
-            self.saved = [p for p in found[::-1] if _iteration(p) < engine.state.iteration]
-            later = [p.name for p in found if _iteration(p) > engine.state.iteration]
+            earlier = [p for p in found[::-1] if _iteration(p) < iteration]  # a resumed run's: they count
+            self._periodic.load_state_dict({"_saved": [(_iteration(p), p.name) for p in earlier[-self.n_saved :]]})
+            extra = earlier[: -self.n_saved]
+            later = [p.name for p in found if _iteration(p) > iteration]
             if later:
                 logger.warning(
                     "%s holds checkpoints of a later iteration than this run's (%s), from another run: a resume "
@@ -191,18 +235,24 @@ class AtomicCheckpointSaver:
                     self.save_dir,
                     ", ".join(later),
                 )
-        self.saved.append(self._write(path))
-        for old in self.saved[: -self.n_saved]:
+        self._periodic(engine)
+        self._last_iteration = iteration
+        for old in extra:  # beyond n_saved before this run's first save
             old.unlink(missing_ok=True)
-        self.saved = self.saved[-self.n_saved :]
 
     def _save_if_best(self, engine: Engine) -> None:
         value = engine.state.metrics.get(str(self.key_metric))
-        if value is None or not np.isfinite(float(value)) or (self.best is not None and float(value) <= self.best):
+        if value is None or not np.isfinite(float(value)) or not self.final_filename:
             return
-        self.best = float(value)
-        if self.final_filename:
-            self._write(self.save_dir / str(self.final_filename))
+        if self._best is None:
+            self._best = Checkpoint(
+                self.save_dict,
+                self.disk,
+                score_function=lambda e: float(e.state.metrics[str(self.key_metric)]),
+                n_saved=1,
+                filename_pattern=str(self.final_filename),
+            )
+        self._best(engine)
 
 
 def _iteration(checkpoint: Path) -> int:
@@ -220,15 +270,20 @@ def find_checkpoints(save_dir: str | os.PathLike, prefix: str = "checkpoint") ->
     return [p for _, p in sorted(found, reverse=True)]
 
 
+#: Temporary files of an interrupted atomic save: ``.tmp-*`` (:func:`~custom_nets.fileio.atomic_write`) and
+#: ``tmpXXXXXXXX`` (ignite's :class:`~ignite.handlers.DiskSaver`, through :func:`tempfile.NamedTemporaryFile`).
+_INTERRUPTED_SAVE = re.compile(r"^(\.tmp-.*|tmp[a-z0-9_]{8})$")
+
+
 class ResumeFromCheckpoint:
     """Resume from the newest complete checkpoint in ``save_dir`` when the run starts (nothing there: a fresh run).
 
-    Checkpoints are loaded with ``weights_only=True``. A checkpoint that cannot be read (corrupt, truncated, not a
-    checkpoint) is reported by name in a warning and skipped for the next newest one; if every checkpoint is
-    unreadable, the run stops with an error listing them. Temporary files of an interrupted save (``.tmp-*``, left
-    when a run is killed while :func:`~custom_nets.fileio.atomic_write` is writing) are removed first; they are never
-    mistaken for checkpoints. The configured ``max_epochs`` and learning rates win over the saved ones, so a finished
-    run can be extended by raising ``max_epochs`` and continued with a lower rate.
+    What MONAI's :class:`~monai.handlers.CheckpointLoader` (which does the loading, ``weights_only=True``) lacks:
+    choosing the checkpoint. A checkpoint that cannot be read (corrupt, truncated, not a checkpoint) is reported by
+    name in a warning and skipped for the next newest one; if every checkpoint is unreadable, the run stops with an
+    error listing them. Temporary files of an interrupted save are removed first; they are never mistaken for
+    checkpoints. The configured ``max_epochs`` and learning rates win over the saved ones, so a finished run can be
+    extended by raising ``max_epochs`` and continued with a lower rate.
 
     The log line of a resume gives the :func:`state_fingerprint` of the restored state (every object of
     ``load_dict`` but the engine, after loading): with an unchanged learning rate it equals the fingerprint of the
@@ -262,36 +317,34 @@ class ResumeFromCheckpoint:
         if self.enabled:
             engine.add_event_handler(Events.STARTED, self)
 
+    def _readable(self, path: Path) -> str | None:
+        """Why ``path`` cannot be resumed from (``None``: it can)."""
+        try:
+            state = torch.load(path, map_location=self.map_location, weights_only=True)
+            if not isinstance(state, Mapping) or not set(self.load_dict) <= set(state):
+                raise ValueError(f"expected keys {sorted(self.load_dict)}, found {sorted(state)[:8]}")
+        except Exception as err:  # corrupt zip, truncated pickle, wrong content
+            return f"{type(err).__name__}: {err}"
+        return None
+
     def __call__(self, engine: Engine) -> None:
         folder = Path(self.save_dir)
-        for stale in sorted(folder.glob(".tmp-*")) if folder.is_dir() else []:
+        for stale in sorted(p for p in folder.iterdir() if _INTERRUPTED_SAVE.match(p.name)) if folder.is_dir() else []:
             logger.warning("removing %s, a temporary file left by an interrupted checkpoint save", stale)
             stale.unlink(missing_ok=True)
-        candidates = find_checkpoints(self.save_dir, self.prefix)
-        if not candidates:
-            return
         problems = []
-        for path in candidates:
-            try:
-                state = torch.load(path, map_location=self.map_location, weights_only=True)
-                if not isinstance(state, Mapping) or not set(self.load_dict) <= set(state):
-                    raise ValueError(f"expected keys {sorted(self.load_dict)}, found {sorted(state)[:8]}")
-            except Exception as err:  # corrupt zip, truncated pickle, wrong content
-                problems.append(f"{path}: {type(err).__name__}: {err}")
-                logger.warning(
-                    "checkpoint %s is unreadable (%s: %s); trying an older one", path, type(err).__name__, err
-                )
+        for path in find_checkpoints(self.save_dir, self.prefix):
+            problem = self._readable(path)
+            if problem is not None:
+                problems.append(f"{path}: {problem}")
+                logger.warning("checkpoint %s is unreadable (%s); trying an older one", path, problem)
                 continue
-            max_epochs = engine.state.max_epochs
-            for key, obj in self.load_dict.items():
-                target = obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
-                rates = [g["lr"] for g in target.param_groups] if isinstance(target, torch.optim.Optimizer) else None
-                target.load_state_dict(state[key])
-                if rates is not None:
-                    for group, lr in zip(target.param_groups, rates):
-                        group["lr"] = lr
-            if max_epochs is not None and engine.state.max_epochs != max_epochs:
-                engine.state.max_epochs = max_epochs
+            optimizers = [o for o in self.load_dict.values() if isinstance(o, torch.optim.Optimizer)]
+            rates = [[g["lr"] for g in o.param_groups] for o in optimizers]
+            CheckpointLoader(str(path), self.load_dict, map_location=self.map_location)(engine)
+            for optimizer, lrs in zip(optimizers, rates):  # the configured rates win
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
             self.loaded_from = path
             restored = {k: _state_of(v) for k, v in self.load_dict.items() if k != self.engine_key}
             logger.info(
@@ -302,120 +355,7 @@ class ResumeFromCheckpoint:
                 state_fingerprint(restored),
             )
             return
-        raise RuntimeError(
-            "every checkpoint is unreadable, refusing to start from scratch over them:\n" + "\n".join(problems)
-        )
-
-
-class WeightsIntegrityError(RuntimeError):
-    """A weights file does not match the SHA-256 recorded for it, or cannot be read as a state dict."""
-
-
-def expected_sha256(weights: str | os.PathLike, large_files: str | os.PathLike | None) -> str | None:
-    """The SHA-256 recorded for ``weights`` in a bundle's ``large_files.yml`` (matched by resolved path), if any."""
-    if large_files is None or not Path(large_files).is_file():
-        return None
-    from monai.bundle import ConfigParser
-
-    listing = ConfigParser.load_config_file(str(large_files))
-    root = Path(large_files).resolve().parent
-    target = Path(weights).resolve()
-    for entry in listing.get("large_files", []):
-        if (root / str(entry.get("path", ""))).resolve() == target and entry.get("hash_val"):
-            kind = str(entry.get("hash_type", "sha256")).lower()
-            if kind != "sha256":
-                raise WeightsIntegrityError(f"{large_files}: {entry['path']} has a {kind} hash; expected sha256.")
-            return str(entry["hash_val"]).lower()
-    return None
-
-
-class VerifiedCheckpointLoader:
-    """Load weights into the network only if their SHA-256 matches the recorded one; always ``weights_only=True``.
-
-    The expected hash is ``sha256`` if given, else the entry of ``load_path`` in the bundle's ``large_files.yml``.
-    Weights with no recorded hash (e.g. your own training run) are loaded with a warning saying so. Loading happens
-    when the engine starts, before the first pair, so a refused file stops the run before any output is written.
-
-    Args:
-        load_path: weights file: a state dict (``model.pt``), a file holding one under a ``load_dict`` key, or a
-            training checkpoint of the bundle (``checkpoints/checkpoint_<iteration>.pt``: its network is loaded).
-        load_dict: ``{"model": network}``.
-        sha256: expected hex digest (optional).
-        large_files: path of ``large_files.yml`` to look the digest up in (optional).
-        map_location: ``torch.load`` map location.
-        strict: strict ``load_state_dict``.
-
-    Raises:
-        FileNotFoundError: no file at ``load_path``.
-        WeightsIntegrityError: digest mismatch, not a loadable file, or not weights of this network (the message
-            names the file).
-    """
-
-    def __init__(
-        self,
-        load_path: str,
-        load_dict: Mapping[str, torch.nn.Module],
-        sha256: str | None = None,
-        large_files: str | None = None,
-        map_location: Any = "cpu",
-        strict: bool = True,
-    ) -> None:
-        self.load_path, self.load_dict, self.map_location, self.strict = (
-            Path(load_path),
-            dict(load_dict),
-            map_location,
-            strict,
-        )
-        self.sha256 = sha256.lower() if sha256 else expected_sha256(load_path, large_files)
-
-    def load(self) -> None:
-        if not self.load_path.is_file():
-            raise FileNotFoundError(
-                f"{self.load_path}: no weights file (download it: python -m monai.bundle "
-                "download_large_files --bundle_path <bundle>)."
+        if problems:
+            raise RuntimeError(
+                "every checkpoint is unreadable, refusing to start from scratch over them:\n" + "\n".join(problems)
             )
-        if self.sha256 is None:
-            logger.warning("%s: no SHA-256 recorded for these weights; loading them unverified", self.load_path)
-        else:
-            actual = sha256_file(self.load_path)
-            if actual != self.sha256:
-                raise WeightsIntegrityError(
-                    f"{self.load_path}: SHA-256 {actual} does not match the recorded {self.sha256}; the file is "
-                    "corrupt or has been changed, refusing to load it."
-                )
-        try:
-            state = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
-        except Exception as err:
-            raise WeightsIntegrityError(
-                f"{self.load_path}: not a loadable weights file ({type(err).__name__}: {err})."
-            ) from err
-        for key, net in self.load_dict.items():
-            target = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
-            part = _state_part(state, key, len(self.load_dict))
-            try:
-                target.load_state_dict(part, strict=self.strict)
-            except Exception as err:  # missing / unexpected keys, shape mismatches: another network's weights
-                raise WeightsIntegrityError(
-                    f"{self.load_path}: not weights of this network ({type(target).__name__}, load_dict key "
-                    f"'{key}'): {type(err).__name__}: {err}"
-                ) from err
-        logger.info("loaded weights %s (%s)", self.load_path, "SHA-256 verified" if self.sha256 else "unverified")
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.load())
-
-
-#: The key under which the bundle's training checkpoints (``checkpoints/checkpoint_<iteration>.pt``) hold the network.
-CHECKPOINT_NETWORK_KEY = "network"
-
-
-def _state_part(state: Any, key: str, num_networks: int) -> Any:
-    """The state dict for ``load_dict[key]`` in a loaded file: ``state[key]`` when the file holds one under that key,
-    else, for a single network, the network of a training checkpoint (``{"network", "optimizer", "trainer"}``) or the
-    file itself (a bare state dict such as ``model.pt``)."""
-    if isinstance(state, Mapping):
-        if isinstance(state.get(key), Mapping):
-            return state[key]
-        if num_networks == 1 and isinstance(state.get(CHECKPOINT_NETWORK_KEY), Mapping) and "optimizer" in state:
-            return state[CHECKPOINT_NETWORK_KEY]
-    return state

@@ -1,8 +1,9 @@
 """Training handlers of the bundle (augmentation ramp, progress bar), and the names of its other handlers.
 
-The bundle's handlers live in rooms with one job each: :mod:`custom_nets.checkpoints` (atomic checkpoints, resume,
-verified weights), :mod:`custom_nets.report` (evaluation report), :mod:`custom_nets.writer` (inference writer). They
-are importable from here too, so configs and code written against ``custom_nets.handlers`` keep working.
+The bundle's handlers live in rooms with one job each: :mod:`custom_nets.checkpoints` (atomic checkpoints, resume),
+:mod:`custom_nets.weights` (verified weights), :mod:`custom_nets.report` (evaluation report), :mod:`custom_nets.writer`
+(inference writer). They are importable from here too, so configs and code written against ``custom_nets.handlers``
+keep working.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from .checkpoints import (
     AtomicCheckpointSaver,
     NonFiniteStateError,
     ResumeFromCheckpoint,
-    VerifiedCheckpointLoader,
-    WeightsIntegrityError,
-    expected_sha256,
     find_checkpoints,
     state_fingerprint,
 )
 from .report import RegistrationReport
 from .volumes import output_stem
+from .weights import VerifiedCheckpointLoader, WeightsIntegrityError, expected_sha256
 from .writer import RegistrationFailuresError, RegistrationWriter
 
 __all__ = [

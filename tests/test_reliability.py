@@ -559,19 +559,24 @@ def test_a_label_on_another_grid_than_its_image_is_refused_naming_both(tmp_path,
 def test_a_resumed_run_rotates_the_checkpoints_it_continues_from(tmp_path, caplog):
     """n_saved = 2 holds across a resume: the earlier run's checkpoints are rotated out as the resumed run saves, and
     checkpoints of a later iteration (another run's) are named in a warning."""
-    from types import SimpleNamespace
+    from ignite.engine import Engine
+
+    def at(iteration: int) -> Engine:
+        engine = Engine(lambda e, b: None)
+        engine.state.iteration = iteration
+        return engine
 
     net = torch.nn.Linear(2, 2)
     for it in (2, 4):  # the run that was interrupted
         torch.save({"network": net.state_dict()}, tmp_path / f"checkpoint_{it}.pt")
     saver = AtomicCheckpointSaver(str(tmp_path), {"network": net, "optimizer": torch.optim.Adam(net.parameters())})
     for it in (6, 8):  # the resumed run (from iteration 4)
-        saver._save_periodic(SimpleNamespace(state=SimpleNamespace(iteration=it)))
+        saver._save_periodic(at(it))
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_6.pt", "checkpoint_8.pt"]
     torch.save({"network": net.state_dict()}, tmp_path / "checkpoint_99.pt")
     fresh = AtomicCheckpointSaver(str(tmp_path), {"network": net})
     with caplog.at_level(logging.WARNING):
-        fresh._save_periodic(SimpleNamespace(state=SimpleNamespace(iteration=10)))
+        fresh._save_periodic(at(10))
     assert "checkpoint_99.pt" in caplog.text and "a resume would start from them" in caplog.text
 
 
@@ -584,6 +589,43 @@ def test_checkpoint_saver_refuses_non_finite_weights(tmp_path):
     with pytest.raises(NonFiniteStateError, match=r"checkpoint_2\.pt: refusing .* network\.weight"):
         saver._write(tmp_path / "checkpoint_2.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+
+
+def test_a_refused_non_finite_save_rotates_nothing_out(tmp_path):
+    """ignite's Checkpoint removes the oldest file before saving its successor; here a refused (NaN) save keeps both
+    earlier checkpoints on disk."""
+    from ignite.engine import Engine
+
+    net = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"network": net, "optimizer": torch.optim.Adam(net.parameters())})
+    engine = Engine(lambda e, b: None)
+    for it in (1, 2):
+        engine.state.iteration = it
+        saver._save_periodic(engine)
+    with torch.no_grad():
+        net.bias[1] = float("inf")
+    engine.state.iteration = 3
+    with pytest.raises(NonFiniteStateError, match=r"checkpoint_3\.pt: refusing .* network\.bias"):
+        saver._save_periodic(engine)
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint_2.pt", "checkpoint_1.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1.pt", "checkpoint_2.pt"]  # no temporary file
+
+
+def test_best_model_is_replaced_only_by_a_better_finite_metric(tmp_path):
+    from ignite.engine import Engine
+
+    net = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, key_metric="dice", final_filename="best.pt")
+    engine = Engine(lambda e, b: None)
+    kept = {}
+    for step, dice in enumerate([0.5, 0.4, float("nan"), 0.7, 0.7, 0.6]):
+        with torch.no_grad():
+            net.bias.fill_(step)
+        engine.state.metrics = {"dice": dice}
+        saver._save_if_best(engine)
+        kept[step] = float(torch.load(tmp_path / "best.pt", weights_only=True)["bias"][0])
+    assert kept == {0: 0.0, 1: 0.0, 2: 0.0, 3: 3.0, 4: 3.0, 5: 3.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
 
 
 class _Payload:

@@ -216,7 +216,7 @@ class WeightStore:
     def shipped(self) -> Weights:
         """The bundle's ``models/model.pt`` with the SHA-256 its ``large_files.yml`` records (``None`` if unlisted):
         the digest the loader checks the file against before every registration."""
-        from custom_nets.checkpoints import expected_sha256
+        from custom_nets.weights import expected_sha256
 
         path = self.bundle_dir / "models" / "model.pt"
         return Weights(path, expected_sha256(path, self.bundle_dir / "large_files.yml"), "shipped", "models/model.pt")
@@ -252,10 +252,10 @@ def verify_weights(weights: Weights, bundle_dir: str | os.PathLike) -> str:
     ``large_files.yml``).
 
     Raises:
-        custom_nets.checkpoints.WeightsIntegrityError: no recorded digest, or a mismatch.
+        custom_nets.weights.WeightsIntegrityError: no recorded digest, or a mismatch.
     """
-    from custom_nets.checkpoints import WeightsIntegrityError, expected_sha256
     from custom_nets.fileio import sha256_file
+    from custom_nets.weights import WeightsIntegrityError, expected_sha256
 
     expected = weights.sha256 or expected_sha256(weights.path, Path(bundle_dir) / "large_files.yml")
     if expected is None:
@@ -367,7 +367,7 @@ class BundleRegistration:
         )
         if weights is not None and weights.sha256:  # the digest to check (large_files.yml lacks fine-tuned ones)
             workflow.parser["checkpoint_loader#sha256"] = weights.sha256
-        from custom_nets.checkpoints import WeightsIntegrityError
+        from custom_nets.weights import WeightsIntegrityError
         from custom_nets.writer import RegistrationWriter
 
         path_before = list(sys.path)

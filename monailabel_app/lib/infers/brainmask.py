@@ -51,7 +51,7 @@ class BrainExtraction(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
         """Write the mask of ``data["image"]`` (a file) to a temporary NIfTI in ``data[output_label_key]``."""
         from custom_nets.brainmask import load_brain_extractor, write_brain_mask
-        from custom_nets.checkpoints import WeightsIntegrityError
+        from custom_nets.weights import WeightsIntegrityError
 
         image = data.get("image")
         if not isinstance(image, str) or not os.path.isfile(image):

@@ -28,7 +28,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from custom_nets.checkpoints import WeightsIntegrityError
+from custom_nets.weights import WeightsIntegrityError
 from lib.registration import (
     Atlas,
     BundleRegistration,
