@@ -317,7 +317,7 @@ def write_brain_mask(net: nn.Module, image_path: str | os.PathLike, out_path: st
     Raises:
         ValueError / FileNotFoundError: the image cannot be read (naming the file), or its mask is empty.
     """
-    from .data.transforms import LoadVolumed
+    from .data.checks import LoadVolumed
     from .volumes import load_volume, save_like
 
     img = LoadVolumed(["image"])({"image": str(image_path)})["image"]

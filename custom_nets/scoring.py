@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .data.datasets import load_pair_list
+from .data.datalists import load_pair_list
 from .fits import ThinPlateSpline, fit_tps
 from .metrics import SUCCESS_MM, transform_error_mm
 from .volumes import output_stem

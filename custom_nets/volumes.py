@@ -31,7 +31,7 @@ def load_volume(path: str) -> Any:
     Raises:
         ValueError: naming the file, if it cannot be read or is not a 3D volume.
     """
-    from .data.transforms import nibabel_reads
+    from .data.checks import nibabel_reads
 
     try:
         if nibabel_reads(path):

@@ -1,43 +1,34 @@
 """Data for KeyMorph: synthetic multi-contrast brains, augmentation, real-data loading and the demo set."""
 
 from .augment import RandAffineMovingd, RandFieldOfViewCutd, random_affine_matrix, rotation_matrix
+from .checks import (
+    CheckLabelGridd,
+    CheckWorldOverlapd,
+    LoadVolumed,
+    check_image_header,
+    check_image_headers,
+    world_bounding_box,
+)
 from .cohort import cohort_images, cohort_labels
+from .datalists import IXI_MODALITIES, load_datalist, load_pair_list, sample_pairs, scan_ixi_folder
 from .datasets import (
     FAILURE_KEY,
     FAILURES_KEY,
-    IXI_MODALITIES,
     FailSafeDataset,
     SyntheticPairDataset,
     build_pair_dataset,
-    check_image_header,
-    check_image_headers,
     collate_pairs,
     evaluation_items,
     failure_message,
     inference_pairs,
-    load_datalist,
-    load_pair_list,
-    sample_pairs,
-    scan_ixi_folder,
     synthetic_pairs,
 )
 from .demo import save_nifti, write_demo_data
 from .heads import HeadSynthesizer
+from .pair_transforms import RandPaird, SynthPaird
 from .synth import CONTRAST_PRESETS, CONTRASTS, BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES, cube_affine, load_tissue_template
-from .transforms import (
-    AbovePercentile,
-    BrainMaskd,
-    CheckLabelGridd,
-    CheckWorldOverlapd,
-    IsotropicSpacingd,
-    LoadVolumed,
-    RandPaird,
-    SynthPaird,
-    preprocessing_transforms,
-    refine_key,
-    world_bounding_box,
-)
+from .transforms import AbovePercentile, BrainMaskd, IsotropicSpacingd, preprocessing_transforms, refine_key
 
 __all__ = [
     "cohort_images",

@@ -4,7 +4,8 @@ A *head* is an integer label map (:data:`HEAD_LABELS`) on an output cube. Its br
 exactly those of :meth:`BrainSynthesizer.subject` for the same seed and pose (the subject's anatomy); the non-brain
 labels are defined procedurally in template (MNI) space, so a ``pose`` moves the whole head exactly like the brain:
 
-* layers by distance outside the template's brain mask (an exact Euclidean distance map, computed once in torch):
+* layers by distance outside the template's brain mask (an exact Euclidean distance map, computed once in torch by
+  :mod:`custom_nets.data.template_distance`):
   a rim of extra-cerebral CSF, the skull (thickness varying smoothly, marrow / diploe in its middle where it is thick),
   the scalp (fat, then muscle / skin, with muscle patches such as the temporalis);
 * a face (soft tissue, fat, bone pieces, a jaw band, sinuses, nose), two eyes in orbital fat, a neck (muscle,
@@ -28,8 +29,6 @@ Everything is a deterministic function of an integer seed. Coordinates follow :m
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
-from ..geometry import apply_affine, resample, voxel_grid, voxel_to_world
+from ..geometry import apply_affine, voxel_grid, voxel_to_world
 from .synth import CONTRAST_PRESETS, BrainSynthesizer
-from .template import BRAIN_CENTRE_MNI, cube_affine, load_tissue_template
+from .template import BRAIN_CENTRE_MNI
+from .template_distance import template_brain_geometry
 
 __all__ = [
     "BRAIN_LABELS",
@@ -90,59 +90,13 @@ _HEAD_PRESETS: dict[str, tuple[float, ...]] = {
 #: FLAIR brain tissues (background, CSF, GM, WM): CSF dark, GM brighter than WM.
 _FLAIR_BRAIN = (0.0, 0.10, 0.62, 0.45)
 
-#: Side (mm) of the template-space box of the random fields and of the brain distance map.
+#: Side (mm) of the template-space box of the random fields.
 _FIELD_BOX_MM = 320.0
-_DIST_BOX_MM = 272.0
-_DIST_STEP_MM = 2.0
-#: Distances outside the brain are exact up to this (mm) and clipped there (the head layers end before it).
-_DIST_MAX_MM = 48.0
 
 
 def brain_mask(labels: torch.Tensor) -> torch.Tensor:
     """Brain mask (float32 0 / 1, same shape) of a head label map: labels 1 (CSF), 2 (GM), 3 (WM)."""
     return ((labels >= BRAIN_LABELS[0]) & (labels <= BRAIN_LABELS[-1])).to(torch.float32)
-
-
-def _edt(mask: torch.Tensor, spacing: float, max_mm: float = _DIST_MAX_MM) -> torch.Tensor:
-    """Euclidean distance (mm) of every voxel of a 3D bool ``mask`` to its nearest True voxel (0 inside), exact up to
-    ``max_mm`` and clipped there.
-
-    Separable squared distances, one windowed brute-force lower envelope per axis: a nearest point within ``max_mm``
-    differs by at most ``max_mm`` along every axis, so a window of that half-width is exact below the clip.
-    """
-    window = int(math.ceil(max_mm / spacing))
-    big = float(3 * (window + 1) ** 2)
-    f = torch.where(mask, 0.0, big).to(torch.float32)
-    for axis in range(3):
-        f = f.movedim(axis, 0).contiguous()  # the axis first: every shifted slice below is one contiguous block
-        n = f.shape[0]
-        padded = F.pad(f.movedim(0, -1), (window, window), value=big).movedim(-1, 0).contiguous()
-        out, tmp = f.clone(), torch.empty_like(f)
-        for offset in range(-window, window + 1):
-            torch.add(padded[window + offset : window + offset + n], float(offset * offset), out=tmp)
-            torch.minimum(out, tmp, out=out)
-        f = out.movedim(0, axis)
-    return (f.sqrt() * spacing).clamp_max(max_mm)
-
-
-@functools.lru_cache(maxsize=1)
-def _template_geometry() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Distance (mm, clipped at 48) outside the template brain on a 2 mm template-space cube ``(1, 1, n, n, n)``, its
-    affine ``(4, 4)``, and the brainstem's lower end: ``(x, y, z, radius)`` in MNI mm."""
-    template = load_tissue_template()
-    n = int(round(_DIST_BOX_MM / _DIST_STEP_MM))
-    affine = torch.from_numpy(cube_affine(n, _DIST_STEP_MM, BRAIN_CENTRE_MNI))
-    brain = torch.from_numpy(1.0 - template.probs[0])[None, None]
-    coarse = resample(brain, torch.eye(4, dtype=torch.float64), (n,) * 3, affine, torch.from_numpy(template.affine))
-    mask = coarse[0, 0] > 0.5
-    dist = _edt(mask, _DIST_STEP_MM)
-    # lower end of the brainstem: centroid and radius of the lowest 6 mm of the brain mask
-    idx = torch.nonzero(mask).to(torch.float64)
-    world = voxel_to_world(idx[None], affine[None])[0]
-    low = world[world[:, 2] < world[:, 2].min() + 6.0]
-    area = low.shape[0] * _DIST_STEP_MM**2 / 3.0  # mean cross-section over the 3 slices
-    stem = np.array([*low[:, :2].mean(0).tolist(), float(world[:, 2].min()), float(np.sqrt(area / np.pi))])
-    return dist[None, None], affine, stem
 
 
 class HeadSynthesizer:
@@ -176,7 +130,7 @@ class HeadSynthesizer:
         self.cut_prob, self.head_deform_mm = float(cut_prob), float(head_deform_mm)
         vox = voxel_grid(self.shape, dtype=torch.float64).reshape(1, -1, 3)
         self._world = voxel_to_world(vox, torch.from_numpy(self.affine).unsqueeze(0))  # (1, N, 3) float64
-        self._dist, self._dist_affine, self._stem = _template_geometry()
+        self._dist, self._dist_affine, self._stem = template_brain_geometry()
         self._box_centre = torch.as_tensor(BRAIN_CENTRE_MNI, dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------------------------------------

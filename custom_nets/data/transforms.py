@@ -1,10 +1,10 @@
-"""MONAI dictionary transforms: synthetic pairs, checked NIfTI loading and the network preprocessing."""
+"""The network's preprocessing as MONAI dictionary transforms: brain masking, isotropic spacing, foreground crop,
+intensity scaling and the cube; every step keeps each image's voxel-to-world affine (world mm, RAS after the
+orientation step; see :mod:`custom_nets.geometry`)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,245 +13,27 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
     CropForegroundd,
-    LoadImaged,
     MapTransform,
     Orientationd,
-    Randomizable,
     ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
     Transform,
 )
 from monai.utils import ensure_tuple
 
-from .synth import CONTRASTS, BrainSynthesizer, subject_seed
+from .checks import CheckLabelGridd, CheckWorldOverlapd, LoadVolumed
 
 __all__ = [
-    "SynthPaird",
-    "RandPaird",
-    "LoadVolumed",
-    "CheckLabelGridd",
-    "CheckWorldOverlapd",
     "AbovePercentile",
     "IsotropicSpacingd",
     "BrainMaskd",
     "brainmask_key",
     "dilate_mask",
     "mask_agreement_key",
-    "world_bounding_box",
     "preprocessing_transforms",
     "refine_key",
+    "user_mask_key",
 ]
-
-logger = logging.getLogger(__name__)
-
-
-class SynthPaird(Randomizable, Transform):
-    """Make a synthetic (fixed, moving) pair of brains with labels and ground truth, from a seed.
-
-    Output keys: ``fixed_image``, ``moving_image`` (``MetaTensor`` ``(1, S, S, S)`` in [0, 1] with the cube affine),
-    ``fixed_label``, ``moving_label`` (tissue indices, float32), ``fixed_to_moving`` (``(4, 4)`` float64 world
-    ground truth: identity, since both subjects are in template alignment before augmentation), ``fixed_contrast``,
-    ``moving_contrast`` (names), ``fixed_subject``, ``moving_subject`` (subject seeds) and ``seed``.
-
-    The item is a deterministic function of ``data["seed"]`` if present (reproducible evaluation sets), else of a seed
-    drawn from the transform's random state (training).
-
-    Args:
-        synthesizer: a :class:`BrainSynthesizer` (grid, deformation and appearance settings); or its keyword
-            arguments as a dict.
-        contrasts: contrast names to draw from (``t1``, ``t2``, ``pd``, ``random``).
-        cross_contrast_prob: probability that the two images have different contrasts.
-        same_subject_prob: probability that both images show the same subject.
-        split: subject stream (``train`` / ``validation`` / ``test``): held-out splits never share subjects.
-        num_subjects: size of the subject pool (``None``: a new subject almost every time).
-        alt_contrast: also make ``moving_image_alt``, the moving subject in another contrast (same pose), for a
-            keypoint-consistency loss.
-    """
-
-    def __init__(
-        self,
-        synthesizer: BrainSynthesizer | Mapping[str, Any] | None = None,
-        contrasts: Sequence[str] = ("t1", "t2", "pd"),
-        cross_contrast_prob: float = 0.5,
-        same_subject_prob: float = 0.5,
-        split: str = "train",
-        num_subjects: int | None = None,
-        alt_contrast: bool = False,
-    ) -> None:
-        if synthesizer is None or isinstance(synthesizer, Mapping):
-            synthesizer = BrainSynthesizer(**dict(synthesizer or {}))
-        self.synth = synthesizer
-        bad = [c for c in contrasts if c not in CONTRASTS]
-        if bad or not contrasts:
-            raise ValueError(f"expected contrasts from {CONTRASTS}, got {tuple(contrasts)}.")
-        self.contrasts = tuple(contrasts)
-        self.cross_contrast_prob, self.same_subject_prob = float(cross_contrast_prob), float(same_subject_prob)
-        subject_seed(split, 0)  # validates the split name
-        self.split, self.num_subjects, self.alt_contrast = split, num_subjects, bool(alt_contrast)
-        self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        self._seed = int(self.R.randint(2**31))
-
-    def __call__(self, data: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
-        d = dict(data or {})
-        if d.get("seed") is None:
-            self.randomize()
-            d["seed"] = self._seed
-        rng = np.random.default_rng([int(d["seed"]), 1])
-        pool = self.num_subjects or 2**31
-        subj_f = subject_seed(self.split, int(rng.integers(pool)))
-        subj_m = subj_f
-        if rng.random() >= self.same_subject_prob:
-            others = [i for i in range(pool) if subject_seed(self.split, i) != subj_f] if pool < 64 else None
-            subj_m = subject_seed(self.split, int(rng.choice(others) if others else rng.integers(pool)))
-        con_f = self.contrasts[int(rng.integers(len(self.contrasts)))]
-        con_m = con_f
-        if len(self.contrasts) > 1 and rng.random() < self.cross_contrast_prob:
-            con_m = self.contrasts[int(rng.choice([i for i, c in enumerate(self.contrasts) if c != con_f]))]
-        affine = torch.as_tensor(self.synth.affine)
-        probs_f = self.synth.subject(subj_f)
-        probs_m = probs_f if subj_m == subj_f else self.synth.subject(subj_m)
-        # a "random" contrast shared by both images uses the same intensities (same seed for the means)
-        means_seed_f = int(rng.integers(2**31))
-        means_seed_m = means_seed_f if con_m == con_f else int(rng.integers(2**31))
-        img_f = self.synth.image(probs_f, self.synth.contrast_means(con_f, means_seed_f), int(rng.integers(2**31)))
-        img_m = self.synth.image(probs_m, self.synth.contrast_means(con_m, means_seed_m), int(rng.integers(2**31)))
-        d.update(
-            fixed_image=MetaTensor(img_f, affine=affine),
-            moving_image=MetaTensor(img_m, affine=affine),
-            fixed_label=MetaTensor(self.synth.labels(probs_f), affine=affine),
-            moving_label=MetaTensor(self.synth.labels(probs_m), affine=affine),
-            fixed_to_moving=torch.eye(4, dtype=torch.float64),
-            fixed_contrast=con_f,
-            moving_contrast=con_m,
-            fixed_subject=subj_f,
-            moving_subject=subj_m,
-        )
-        if self.alt_contrast:
-            others = [c for c in self.contrasts if c != con_m] or [con_m]
-            con_alt = others[int(rng.integers(len(others)))]
-            means_alt = self.synth.contrast_means(con_alt, int(rng.integers(2**31)))
-            d["moving_image_alt"] = MetaTensor(
-                self.synth.image(probs_m, means_alt, int(rng.integers(2**31))), affine=affine
-            )
-            d["moving_alt_contrast"] = con_alt
-        return d
-
-
-class RandPaird(Randomizable, Transform):
-    """Draw a (fixed, moving) pair of image records (paths) at random: the real-data counterpart of :class:`SynthPaird`.
-
-    Output keys: ``fixed_image``, ``moving_image`` (paths), ``fixed_label`` / ``moving_label`` (when every record has
-    a label), ``fixed_modality``, ``moving_modality``, ``fixed_subject``, ``moving_subject``, ``fixed_to_moving`` when
-    every record carries ``world_from_template`` (so that every item of a batch has the same keys), and ``seed``.
-    Deterministic in ``data["seed"]`` if present.
-
-    Args:
-        records: image records as returned by :func:`custom_nets.data.load_datalist`.
-        same_subject_prob, cross_contrast_prob: pairing probabilities (see :func:`custom_nets.data.sample_pairs`).
-    """
-
-    def __init__(
-        self, records: Sequence[Mapping[str, Any]], same_subject_prob: float = 0.5, cross_contrast_prob: float = 0.5
-    ) -> None:
-        if not records:
-            raise ValueError("RandPaird: no image records to draw pairs from.")
-        self.records = list(records)
-        self.same_subject_prob, self.cross_contrast_prob = float(same_subject_prob), float(cross_contrast_prob)
-        self.with_labels = all(r.get("label") for r in self.records)  # batches need the same keys in every item
-        self.with_truth = all("world_from_template" in r for r in self.records)
-        if not self.with_truth and any("world_from_template" in r for r in self.records):
-            missing = sum("world_from_template" not in r for r in self.records)
-            logger.warning(
-                "RandPaird: %d of %d records have no world_from_template; no pair carries a ground truth (error "
-                "metrics are nan).",
-                missing,
-                len(self.records),
-            )
-
-    def __call__(self, data: Mapping[Hashable, Any] | None = None) -> dict[Hashable, Any]:
-        from .datasets import sample_pairs
-
-        d = dict(data or {})
-        if d.get("seed") is None:
-            d["seed"] = int(self.R.randint(2**31))
-        pair = sample_pairs(self.records, 1, self.same_subject_prob, self.cross_contrast_prob, seed=int(d["seed"]))[0]
-        if not self.with_labels:
-            pair.pop("fixed_label", None)
-            pair.pop("moving_label", None)
-        if not self.with_truth:
-            pair.pop("fixed_to_moving", None)
-        if "fixed_to_moving" in pair:
-            pair["fixed_to_moving"] = torch.as_tensor(pair["fixed_to_moving"], dtype=torch.float64)
-        d.update(pair)
-        return d
-
-
-class LoadVolumed(MapTransform):
-    """Load 3D images with MONAI ``LoadImaged`` (channel first) and fail with the file named on anything unusable.
-
-    Errors (``ValueError`` / ``FileNotFoundError``, message starting with the path): missing file, unreadable or
-    corrupt file, not a single-channel 3D volume (2D, 4D / multi-channel; a 4D file with a single volume
-    ``(I, J, K, 1)`` is accepted), a voxel-to-world affine that is singular or not finite, an inconsistent NIfTI
-    header (MONAI's header correction would give another affine than the NIfTI standard, which the outputs use),
-    NaN or Inf voxels, and (unless ``reject_constant=False``, e.g. for label maps that may be empty) a constant image.
-    """
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, reject_constant: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.reject_constant = bool(reject_constant)
-        self._loader = LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            path = d[key]
-            if not isinstance(path, (str, Path)):
-                continue  # already loaded
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such file (key '{key}').")
-            try:
-                img = self._loader({key: str(path)})[key]
-            except Exception as err:  # nibabel / MONAI raise many types for damaged files
-                raise ValueError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}).") from err
-            if img.ndim != 4 or img.shape[0] != 1:
-                spatial = tuple(img.shape[1:]) if img.ndim >= 2 else tuple(img.shape)
-                raise ValueError(
-                    f"{path}: expected a single-channel 3D volume, got {img.shape[0]} channel(s) of spatial shape "
-                    f"{spatial} (2D images and 4D / multi-channel series are not supported)."
-                )
-            if min(img.shape[1:]) < 2:
-                raise ValueError(f"{path}: expected a 3D volume, got spatial shape {tuple(img.shape[1:])}.")
-            affine = torch.as_tensor(getattr(img, "affine", torch.eye(4)), dtype=torch.float64)
-            _check_affine(path, affine.numpy())
-            header_affine = _nibabel_affine(path)
-            if header_affine is not None:
-                _check_affine(path, header_affine)
-                if not np.allclose(header_affine, affine.numpy(), rtol=1e-4, atol=1e-3):
-                    raise ValueError(
-                        f"{path}: inconsistent header: its pixel sizes (pixdim) disagree with its sform / qform, and "
-                        f"MONAI would read the affine {np.round(affine.numpy(), 4).tolist()} where the NIfTI standard "
-                        f"(nibabel, used for the outputs) gives {np.round(header_affine, 4).tolist()}; expected a "
-                        "consistent header (fix pixdim, sform and qform)."
-                    )
-            finite = torch.isfinite(img)
-            if not finite.all():
-                n_nan = int(torch.isnan(img).sum())
-                raise ValueError(
-                    f"{path}: contains NaN or Inf voxels ({n_nan} NaN, {int((~finite).sum()) - n_nan} infinite, of "
-                    f"{img.numel()}); expected finite intensities."
-                )
-            del finite
-            if self.reject_constant and img.numel() and bool(img.max() == img.min()):
-                raise ValueError(
-                    f"{path}: every voxel is {float(img.min()):g} (a constant image has nothing to register)."
-                )
-            d[key] = img
-        return d
-
-
-_NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".hdr", ".img")
 
 
 def brainmask_key(image_key: str) -> str:
@@ -374,144 +156,6 @@ def dilate_mask(mask: torch.Tensor, affine: torch.Tensor, margin_mm: float) -> t
             kernel[axis], pad[axis] = 2 * r + 1, r
             out = torch.nn.functional.max_pool3d(out, kernel, stride=1, padding=pad)
     return out[0]
-
-
-def nibabel_reads(path: str | Path) -> bool:
-    """Whether ``path`` names a format nibabel reads (by suffix: NIfTI, MGH / MGZ, Analyze)."""
-    return str(path).lower().endswith(_NIBABEL_SUFFIXES)
-
-
-def _nibabel_affine(path: str | Path) -> np.ndarray | None:
-    """The voxel-to-world affine nibabel reads from a file's header (NIfTI precedence: sform, then qform), or
-    ``None`` for formats nibabel does not read or headers it cannot parse (their loading errors come from MONAI)."""
-    if not nibabel_reads(path):
-        return None
-    import nibabel as nib
-
-    try:
-        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
-    except Exception:  # MONAI read the file; its own affine is checked instead
-        return None
-
-
-def affine_problem(affine: Any) -> str | None:
-    """What is wrong with a ``4 x 4`` voxel-to-world affine (singular or not finite), or ``None``."""
-    a = np.asarray(affine, dtype=np.float64)
-    if not np.isfinite(a).all() or abs(float(np.linalg.det(a[:3, :3]))) < 1e-9:
-        return "the voxel-to-world affine is singular or not finite"
-    return None
-
-
-def _check_affine(path: Any, affine: np.ndarray) -> None:
-    problem = affine_problem(affine)
-    if problem:
-        raise ValueError(
-            f"{path}: {problem} ({np.round(affine, 4).tolist()}); expected a valid header (pixel sizes and "
-            "orientation)."
-        )
-
-
-def world_bounding_box(shape: Sequence[int], affine: Any) -> np.ndarray:
-    """``(2, 3)`` world (mm) corners ``[min, max]`` of the axis-aligned box around a grid's field of view.
-
-    The field of view spans voxel centres ``0 .. n-1`` plus half a voxel on each side; for oblique grids the box is the
-    bounding box of the eight rotated corners (so it contains the field of view)."""
-    n = np.asarray([int(v) for v in shape[-3:]], dtype=np.float64)
-    corners = np.array(np.meshgrid(*[[-0.5, m - 0.5] for m in n], indexing="ij")).reshape(3, -1).T
-    a = np.asarray(affine, dtype=np.float64)
-    world = corners @ a[:3, :3].T + a[:3, 3]
-    return np.stack([world.min(0), world.max(0)])
-
-
-class CheckWorldOverlapd(MapTransform):
-    """Check that two loaded images (e.g. ``fixed_image`` and ``moving_image``) overlap in world space.
-
-    Disjoint fields of view usually mean a header problem (e.g. images from different scanner frames), or simply a
-    large offset. KeyMorph itself does not need the overlap: each image is cropped to its own foreground and its
-    keypoints are mapped to world mm through its own affine, so any translation is recovered (the tests register a
-    pair 1 m apart exactly). Hence the default only warns; ``on_disjoint="error"`` makes it an error for pipelines
-    whose images are expected to be pre-aligned in world space.
-
-    Args:
-        keys: exactly two image keys (loaded ``MetaTensor`` with affines, channel first).
-        on_disjoint: ``"warn"`` (log a warning naming both files), ``"error"`` (``ValueError`` naming both files)
-            or ``"ignore"``.
-        allow_missing_keys: skip the check if a key is missing.
-    """
-
-    _MODES = ("warn", "error", "ignore")
-
-    def __init__(self, keys: KeysCollection, on_disjoint: str = "warn", allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if len(self.keys) != 2:
-            raise ValueError(f"CheckWorldOverlapd: expected two image keys, got {self.keys}.")
-        if on_disjoint not in self._MODES:
-            raise ValueError(f"CheckWorldOverlapd: expected on_disjoint in {self._MODES}, got {on_disjoint!r}.")
-        self.on_disjoint = on_disjoint
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        present = list(self.key_iterator(d))
-        if self.on_disjoint == "ignore" or len(present) != 2:
-            return d
-        boxes, names = [], []
-        for key in present:
-            img = d[key]
-            boxes.append(world_bounding_box(img.shape, getattr(img, "affine", np.eye(4))))
-            names.append(str(getattr(img, "meta", {}).get("filename_or_obj", key)))
-        (lo_a, hi_a), (lo_b, hi_b) = boxes
-        gap = np.maximum(np.maximum(lo_a - hi_b, lo_b - hi_a), 0.0)
-        if (gap > 0).any():
-            msg = (
-                f"{names[0]} ({present[0]}) and {names[1]} ({present[1]}) do not overlap in world space: their "
-                f"fields of view are {float(np.linalg.norm(gap)):.1f} mm apart (world boxes "
-                f"{np.round(boxes[0], 1).tolist()} and {np.round(boxes[1], 1).tolist()} mm)"
-            )
-            if self.on_disjoint == "error":
-                raise ValueError(msg + "; expected images that overlap (check their headers).")
-            logger.warning("%s; registering anyway (KeyMorph recovers any translation).", msg)
-        return d
-
-
-class CheckLabelGridd(MapTransform):
-    """Check that each loaded label map lies on its image's voxel grid (same shape and voxel-to-world affine).
-
-    The preprocessing crops a label with its image's foreground box and the losses warp it with its image's affine,
-    so a label on another grid (another resolution, a cropped or reoriented export) would silently misalign Dice.
-
-    Args:
-        keys: label keys (loaded ``MetaTensor`` with affines, channel first).
-        image_keys: the image key of each label key, in order.
-        atol: tolerance of the affine entries (mm; NIfTI headers store float32).
-    """
-
-    def __init__(
-        self, keys: KeysCollection, image_keys: Sequence[str], atol: float = 1e-3, allow_missing_keys: bool = True
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if len(image_keys) != len(self.keys):
-            raise ValueError(f"CheckLabelGridd: expected one image key per label key {self.keys}, got {image_keys}.")
-        self.image_keys, self.atol = dict(zip(self.keys, image_keys)), float(atol)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image_key = self.image_keys[key]
-            if d.get(image_key) is None:
-                continue
-            lab, img = d[key], d[image_key]
-            a_lab = np.asarray(getattr(lab, "affine", np.eye(4)), dtype=np.float64)
-            a_img = np.asarray(getattr(img, "affine", np.eye(4)), dtype=np.float64)
-            if tuple(lab.shape[1:]) != tuple(img.shape[1:]) or not np.allclose(a_lab, a_img, atol=self.atol):
-                pairs = ((lab, key), (img, image_key))
-                names = [str(getattr(x, "meta", {}).get("filename_or_obj", k)) for x, k in pairs]
-                raise ValueError(
-                    f"{names[0]}: expected the label map on the grid of its image {names[1]}, got shape "
-                    f"{tuple(lab.shape[1:])} and affine {np.round(a_lab, 4).tolist()} for an image of shape "
-                    f"{tuple(img.shape[1:])} and affine {np.round(a_img, 4).tolist()} (resample the label onto the "
-                    "image's grid, nearest neighbour)."
-                )
-        return d
 
 
 class IsotropicSpacingd(MapTransform):
