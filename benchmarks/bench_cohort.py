@@ -1,7 +1,7 @@
 """Cohort throughput and memory of the bundle's batch inference: one process against ``torchrun`` ranks.
 
-    python benchmarks/bench_cohort.py main [--num 200 --memory_counts "50,200" --nproc 2 --refine True
-                                            --num_workers 2 --work_dir bench_cohort_out]
+    python benchmarks/bench_cohort.py main [--num 200 --memory_counts "50,200" --nproc 2 --batch_size 2
+                                            --refine True --num_workers 2 --work_dir bench_cohort_out]
 
 A synthetic cohort of ``--num`` pairs (2 mm brains, 97 x 113 x 97: a pool of 24 posed moving scans, T1 / T2 / PD,
 rotated up to 180 degrees, and 4 fixed T1 scans; pair ``i`` reads moving scan ``i % 24`` through a link of its own
@@ -12,8 +12,12 @@ name, so every pair has its own outputs) is registered by exactly what users run
    "['configs/inference.json','configs/multi_gpu_inference.json']" ...`` (N processes; on CPU each gets
    ``OMP_NUM_THREADS = cores / N``, on GPUs one device each);
 
+3. the one-process command with ``--batch_size B`` (pairs per network call; ``--batch_size 1`` skips it);
+
 each into a fresh folder, with the shipped weights and the default settings (``--refine`` to change). It prints pairs
-per second of each (wall clock of the whole command, model loading included) and the ratio, and the peak resident
+per second of each (wall clock of the whole command, model loading included) and the ratios, how far the matrices of
+the ``torchrun`` and the batched runs are from the one-process run's (mean displacement over a 120 mm box about the
+brain, mm: largest and median over the pairs), and the peak resident
 memory of every process (its ``VmHWM``, recorded by a wrapper around the bundle's entry point) for runs of each of
 ``--memory_counts`` pairs, which should be flat in the number of pairs. On a machine with GPUs the same runs are made
 with 1 and all GPUs, keypoints only and with refinement; without one that part is skipped with a message.
@@ -123,16 +127,35 @@ def _run(work: Path, name: str, datalist: Path, nproc: int, extra: list[str], gp
     return result
 
 
+def _displacement_mm(a: Path, b: Path) -> dict[str, float]:
+    """Largest and median mean displacement (mm, over a 120 mm box about the brain) between the matrices two runs
+    wrote for the same pairs (``<stem>.json`` in each output folder)."""
+    box = np.array([[x, y, z, 1.0] for x in (-60, 60) for y in (-60, 60) for z in (-60, 60)]) + [0.0, -18.0, 18.0, 0]
+    found = []
+    for path in sorted(a.glob("*.json")):
+        other = b / path.name
+        ra = json.loads(path.read_text())
+        rb = json.loads(other.read_text()) if other.is_file() else {}
+        if isinstance(ra, dict) and "fixed_to_moving_ras" in ra and "fixed_to_moving_ras" in rb:
+            diff = np.asarray(ra["fixed_to_moving_ras"]) - np.asarray(rb["fixed_to_moving_ras"])
+            found.append(float(np.linalg.norm((box @ diff.T)[:, :3], axis=1).mean()))
+    if not found:
+        return {"pairs": 0}
+    return {"pairs": len(found), "max_mm": round(max(found), 4), "median_mm": round(float(np.median(found)), 4)}
+
+
 def main(
     num: int = 200,
     memory_counts: str | tuple = "50,200",
     nproc: int = 2,
+    batch_size: int = 2,
     refine: bool = True,
     num_workers: int = 2,
     work_dir: str = "bench_cohort_out",
 ) -> dict[str, Any]:
-    """Throughput with 1 and ``nproc`` processes on ``num`` pairs, and peak memory per process at each of
-    ``memory_counts`` pairs (one process and ``nproc``); see the module docs."""
+    """Throughput with 1 and ``nproc`` processes (and one process with ``batch_size`` pairs per network call) on
+    ``num`` pairs, and peak memory per process at each of ``memory_counts`` pairs (one process and ``nproc``); see
+    the module docs."""
     import torch
 
     work = Path(work_dir).resolve()
@@ -148,6 +171,17 @@ def main(
     summary["cpu_speedup"] = round(many["pairs_per_s"] / one["pairs_per_s"], 3)
     print(f"CPU: {one['pairs_per_s']:.3f} pairs/s with 1 process, {many['pairs_per_s']:.3f} with {nproc} "
           f"(x{summary['cpu_speedup']:.2f}) on {os.cpu_count()} cores", flush=True)  # fmt: skip
+    summary["ranks_vs_one_process"] = _displacement_mm(work / one["run"], work / many["run"])
+    print(f"matrices, {nproc} processes against 1: {summary['ranks_vs_one_process']}", flush=True)
+    if int(batch_size) > 1:
+        batched = _run(work, f"cpu_1x{num}_batch{int(batch_size)}", datalist, 1,
+                       [*extra, "--batch_size", str(int(batch_size))], gpu=False)  # fmt: skip
+        summary["runs"].append(batched)
+        summary["batch_speedup"] = round(batched["pairs_per_s"] / one["pairs_per_s"], 3)
+        summary["batch_vs_one_at_a_time"] = _displacement_mm(work / one["run"], work / batched["run"])
+        print(f"CPU: {batched['pairs_per_s']:.3f} pairs/s with --batch_size {int(batch_size)} "
+              f"(x{summary['batch_speedup']:.2f}); matrices against batch 1: {summary['batch_vs_one_at_a_time']}",
+              flush=True)  # fmt: skip
     memory = {}
     for count in counts:
         runs = [r for r in (one, many) if r["pairs"] == count]

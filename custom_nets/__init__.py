@@ -5,7 +5,7 @@ Coordinate convention: see :mod:`custom_nets.geometry`.
 """
 
 # the submodules the bundle configs reach as attributes of the package (``@custom_nets.data...``)
-from . import brainmask, checkpoints, cohort_run, data, engines, groupwise, handlers, losses, metrics  # noqa: E402, F401, I001
+from . import brainmask, checkpoints, cohort_run, data, engines, groupwise, handlers, losses, metrics, weights  # noqa: E402, F401, I001
 from .detectors import ConvNetDetector, TruncatedUNetDetector
 from .fits import (
     DegenerateKeypointsError,
@@ -24,7 +24,7 @@ from .options import parse_bool
 from .quality import QualityThresholds
 from .refine import AffineRefiner
 
-__version__ = "0.4.2"
+__version__ = "0.5.0"
 
 __all__ = [
     "AffineRefiner",

@@ -50,7 +50,9 @@ class KeyMorphPrepareBatch:
 
     A batch from :func:`~custom_nets.data.collate_pairs` may list items that failed to load under ``failures``: they
     are passed on in ``targets["failures"]``; if no item of the batch loaded, the inputs are ``None`` (which
-    :class:`FailSafeInferer` passes through without calling the network).
+    :class:`FailSafeInferer` passes through without calling the network). The refinement copies ``refine_moving`` /
+    ``refine_fixed`` go to the inferer as ``(B, 1, ...)`` tensors with ``(B, 4, 4)`` affines, or, where the items'
+    grids differ (a batch of several pairs), as per-item lists of ``(1, 1, ...)`` tensors and ``(1, 4, 4)`` affines.
 
     Args:
         transform_type: override the network's transform type (``rigid`` / ``affine`` / ``tps``).
@@ -124,6 +126,10 @@ class KeyMorphPrepareBatch:
             kwargs["refine_moving"], kwargs["refine_fixed"] = move(refine_m).float(), move(refine_f).float()
             kwargs["refine_moving_affine"] = _affine_of(refine_m, b, device)
             kwargs["refine_fixed_affine"] = _affine_of(refine_f, b, device)
+        elif isinstance(refine_m, (list, tuple)) and isinstance(refine_f, (list, tuple)):  # one grid per item
+            for key, images in (("moving", refine_m), ("fixed", refine_f)):
+                kwargs[f"refine_{key}"] = [move(x)[None].float() for x in images]
+                kwargs[f"refine_{key}_affine"] = [_affine_of(x, 1, device) for x in images]
         return moving, targets, (fixed,), kwargs
 
 
@@ -161,8 +167,11 @@ def nonfinite_items(out: KeyMorphOutput | torch.Tensor) -> list[int]:
 
 
 def _item(x: Any, i: int, batch: int) -> Any:
-    """Batch item ``i`` (kept as a batch of one) of a tensor with a leading batch axis; anything else unchanged."""
+    """Batch item ``i`` of a tensor with a leading batch axis (kept as a batch of one) or of a per-item list (kept
+    as a list of one); anything else unchanged."""
     if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == batch:
+        return x[i : i + 1]
+    if isinstance(x, list) and len(x) == batch:
         return x[i : i + 1]
     return x
 

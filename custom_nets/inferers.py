@@ -26,6 +26,10 @@ __all__ = ["KeyMorphInferer"]
 
 #: ``(moving, fixed, moving_affine, fixed_affine)`` of the finer images refinement and the quality measures use.
 RefineImages = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+#: The images refinement and the quality measures work on: ``(moving, fixed, moving_affine, fixed_affine)``, batched
+#: ``(B, 1, ...)`` / ``(B, 4, 4)``, or, where the batch items' grids differ, per-item lists of ``(1, 1, ...)`` /
+#: ``(1, 4, 4)``.
+ItemImages = tuple[Any, Any, Any, Any]
 
 
 class KeyMorphInferer(Inferer):
@@ -112,7 +116,8 @@ class KeyMorphInferer(Inferer):
         ``network``. ``moving_affine`` / ``fixed_affine``: voxel-to-world ``(4, 4)`` / ``(B, 4, 4)`` (default: the
         ``MetaTensor`` affines, else identity). ``refine_moving`` / ``refine_fixed`` ``(B, 1, ...)``: optional finer
         images of the same pair (any grids) for refinement and the quality measures, with their affines (default:
-        their ``MetaTensor`` affines). The other arguments go to the network (see :meth:`KeyMorph.forward`)."""
+        their ``MetaTensor`` affines); for a batch whose items have different grids, per-item lists of ``(1, 1, ...)``
+        images and ``(1, 4, 4)`` affines. The other arguments go to the network (see :meth:`KeyMorph.forward`)."""
         moving = inputs
         if network.training or moving_alt is not None:
             return network(
@@ -128,8 +133,8 @@ class KeyMorphInferer(Inferer):
             refine = (
                 refine_moving,
                 refine_fixed,
-                getattr(refine_moving, "affine", None) if refine_moving_affine is None else refine_moving_affine,
-                getattr(refine_fixed, "affine", None) if refine_fixed_affine is None else refine_fixed_affine,
+                _affines_of(refine_moving) if refine_moving_affine is None else refine_moving_affine,
+                _affines_of(refine_fixed) if refine_fixed_affine is None else refine_fixed_affine,
             )
         moving, fixed = as_tensor(moving), as_tensor(fixed)
         kind = check_transform_type(transform_type or network.transform_type)
@@ -187,11 +192,16 @@ class KeyMorphInferer(Inferer):
         r_m, r_f, r_am, r_af = _refine_images(pair, refine)
         polish = getattr(self.refiner, "polish", None)
         if candidates is None or polish is None or len(getattr(self.refiner, "factors", ())) <= self.candidate_levels:
-            f2m = self.refiner(r_m, r_f, out.fixed_to_moving, r_am, r_af)
+            if isinstance(r_m, list):  # one grid per item: refine item by item
+                f2m = torch.cat(
+                    [self.refiner(m, f, out.fixed_to_moving[i : i + 1], am, af) for i, (m, f, am, af) in
+                     enumerate(_items((r_m, r_f, r_am, r_af), b))]
+                )  # fmt: skip
+            else:
+                f2m = self.refiner(r_m, r_f, out.fixed_to_moving, r_am, r_af)
         else:
             rows = []
-            for i in range(b):
-                item = (r_m[i : i + 1], r_f[i : i + 1], r_am[i : i + 1], r_af[i : i + 1])
+            for i, item in enumerate(_items((r_m, r_f, r_am, r_af), b)):
                 f2m_i, chosen, record = self._check_candidates(
                     network, polish, candidates[i], out.keypoints_fixed[i : i + 1], *item
                 )
@@ -267,11 +277,21 @@ class KeyMorphInferer(Inferer):
             residual = keypoint_residual_mm(out.keypoints_fixed, out.keypoints_moving, out.weights)
         except DegenerateKeypointsError:
             residual = torch.full((b,), float("nan"), dtype=torch.float64)
-        records = assess_registration(r_m, r_f, out.fixed_to_moving, r_am, r_af, residual, out.weights)
+        items = _items((r_m, r_f, r_am, r_af), b)
+        if isinstance(r_m, list):  # one grid per item
+            records = [
+                rec
+                for i, (m, f, am, af) in enumerate(items)
+                for rec in assess_registration(
+                    m, f, _select(out.fixed_to_moving, i), am, af, residual[i : i + 1], out.weights[i : i + 1]
+                )
+            ]
+        else:
+            records = assess_registration(r_m, r_f, out.fixed_to_moving, r_am, r_af, residual, out.weights)
         if self.inverse_consistency:
             backward = self._backward(network, pair, refine, out, tps_lambda)
             for i, record in enumerate(records):
-                sample = _foreground_points(r_f[i : i + 1], r_af[i : i + 1])
+                sample = _foreground_points(items[i][1], items[i][3])
                 there_and_back = apply_transform(
                     _select(backward, i), apply_transform(_select(out.fixed_to_moving, i), sample).to(torch.float64)
                 )
@@ -307,20 +327,45 @@ def _select(transform: torch.Tensor | ThinPlateSpline, i: int) -> torch.Tensor |
     return transform[i : i + 1] if isinstance(transform, torch.Tensor) else transform.select(i)
 
 
-def _refine_images(
-    pair: RefineImages, refine: RefineImages | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _refine_images(pair: RefineImages, refine: ItemImages | None) -> ItemImages:
     """The images refinement and the quality measures work on: the finer ``refine`` images when given, else the
     network's ``pair``; as float32 tensors with ``(B, 4, 4)`` affines ``(moving, fixed, moving_affine,
-    fixed_affine)``."""
+    fixed_affine)``, or, for ``refine`` images given per item (lists), as lists of ``(1, 1, ...)`` tensors and
+    ``(1, 4, 4)`` affines."""
     b, device = pair[0].shape[0], pair[0].device
     r_m, r_f, r_am, r_af = pair if refine is None else refine
+    if isinstance(r_m, (list, tuple)):
+        if not (len(r_m) == len(r_f) == len(r_am) == len(r_af) == b):
+            raise ValueError(
+                f"KeyMorphInferer: expected one refinement image and affine per pair ({b}), got "
+                f"{[len(x) for x in (r_m, r_f, r_am, r_af)]}."
+            )
+        return (
+            [as_tensor(x).float() for x in r_m],
+            [as_tensor(x).float() for x in r_f],
+            [batch_affine(a, 1, device) for a in r_am],
+            [batch_affine(a, 1, device) for a in r_af],
+        )
     return (
         as_tensor(r_m).float(),
         as_tensor(r_f).float(),
         batch_affine(r_am, b, device),
         batch_affine(r_af, b, device),
     )
+
+
+def _affines_of(images: Any) -> Any:
+    """The ``MetaTensor`` affine of a batch of images, or the list of them for per-item images."""
+    if isinstance(images, (list, tuple)):
+        return [getattr(x, "affine", None) for x in images]
+    return getattr(images, "affine", None)
+
+
+def _items(images: ItemImages, batch: int) -> list[ItemImages]:
+    """Each batch item of :func:`_refine_images`'s images as a batch of one."""
+    if isinstance(images[0], list):
+        return [tuple(x[i] for x in images) for i in range(batch)]
+    return [tuple(x[i : i + 1] for x in images) for i in range(batch)]
 
 
 def _views_record(candidates: list[Candidate], checked: list[int], chosen: int | None = None) -> dict[str, Any]:

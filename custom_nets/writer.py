@@ -127,7 +127,9 @@ class RegistrationWriter:
                 if item is None:
                     self._fail(moving, fixed, "register", "the network returned no result", pair=index)
                     continue
-                item_masks = {s: m[b] for s, m in masks.items() if isinstance(m, torch.Tensor)}
+                item_masks = {
+                    s: m[b] for s, m in masks.items() if isinstance(m, (torch.Tensor, list, tuple)) and m[b] is not None
+                }
                 _judge_mask_agreement(item, 0 if isinstance(pred, list) else b, [_item_value(a, b) for a in agreements])
                 self._write_isolated(item, 0 if isinstance(pred, list) else b, fixed, moving, label, item_masks, index)
         for record in batch.get(FAILURES_KEY) or []:
@@ -367,7 +369,7 @@ def _item_value(values: Any, b: int) -> float | None:
     if values is None:
         return None
     value = values[b] if isinstance(values, (list, tuple)) or (torch.is_tensor(values) and values.ndim) else values
-    return float(value)
+    return None if value is None else float(value)
 
 
 def _judge_mask_agreement(pred: Any, b: int, agreements: list[float | None]) -> None:

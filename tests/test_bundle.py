@@ -333,6 +333,20 @@ def test_every_result_carries_a_verdict_and_fail_on_suspect_writes_only_the_fail
     assert sorted(p.name for p in failed.iterdir()) == ["failures.json", "results.csv"]  # nothing else written
 
 
+def test_train_and_inference_configs_agree_on_the_network_and_the_grid():
+    """train.json and inference.json each carry the network, its detector and the grid: MONAI Label's stock
+    ``monaibundle`` app reads inference.json alone (see test_stock_monaibundle_app_loads_the_bundle), so there is no
+    common config to list first. This keeps the two copies from drifting apart."""
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    shared = ["bundle_root", "custom_nets", "ckpt_dir", "dataset_dir", "device", "spatial_size", "pixdim",
+              "num_keypoints", "transform_type", "tps_lambda", "search_rank", "detector", "network"]  # fmt: skip
+    for key in shared:
+        assert infer[key] == train[key], key
+    assert {k: v for k, v in infer["network_def"].items() if k != "amp"} == train["network_def"]
+    assert set(infer["imports"]) <= set(train["imports"])
+
+
 def test_bundle_tooling(trained, demo, work):
     from monai.bundle import ConfigWorkflow
 

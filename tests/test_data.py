@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import grid_affine
+from helpers import BUNDLE, grid_affine
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
@@ -29,6 +29,7 @@ from custom_nets.data import (
     scan_ixi_folder,
     write_demo_data,
 )
+from custom_nets.data.transforms import user_mask_key
 from custom_nets.geometry import resample, voxel_grid
 
 SMALL = {"spatial_size": 40, "pixdim": 6.4}  # the 256 mm cube at 6.4 mm: tiny and fast
@@ -290,6 +291,45 @@ def test_preprocessing_round_trips_lps_anisotropic_oblique(tmp_path, synth, case
     back = resample(pl[None].as_tensor().float(), torch.eye(4), shape, a, pl.affine, mode="nearest")[0, 0]
     inside = src_lab > 0
     assert (back[inside] == src_lab[inside]).float().mean() > 0.85
+
+
+@pytest.mark.parametrize("overlay", ["", "groupwise.json"])
+def test_the_editable_json_preprocessing_is_the_factory_pipeline(tmp_path, synth, overlay):
+    """inference.json spells its preprocessing out as MONAI transforms in JSON (groupwise.json only changes the
+    keys); with the shipped values it computes exactly what ``preprocessing_transforms`` (training, evaluation, the
+    tests) computes: same keys, same voxels, same affines."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / n) for n in ("inference.json", overlay) if n])
+    parser["skull_strip"] = False  # no extractor: user masks only (the extractor has its own tests)
+    json_prep = parser.get_parsed_content("preprocessing")
+    keys = parser["image_keys"]
+    factory = Compose(
+        preprocessing_transforms(
+            keys, (), parser["pixdim"], parser["spatial_size"], on_disjoint=parser["on_disjoint"],
+            refine_pixdim=parser["refine_pixdim"],
+        )
+    )  # fmt: skip
+    d = SynthPaird(synth, same_subject_prob=0.0)({"seed": 5})
+    item = {}
+    for i, key in enumerate(keys):
+        img = d[("fixed_image", "moving_image")[i]]
+        shape = (40, 44, 30)
+        a = grid_affine((3.0 + i, 3.5, 5.0), torch.Generator().manual_seed(7 + i), origin=(0, 0, 0))
+        half = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
+        a[:3, 3] = torch.tensor([0.0, -17.0, 5.0], dtype=torch.float64) - a[:3, :3] @ half
+        src = resample(img[None].as_tensor(), torch.eye(4), shape, a, img.affine)[0, 0]
+        item[key] = _write(tmp_path / f"{key}.nii.gz", src, a)
+        if i == 1:  # a user mask on one side
+            item[user_mask_key(key)] = _write(tmp_path / "mask.nii.gz", (src > float(src.mean())).float(), a)
+    want, got = factory(dict(item)), json_prep(dict(item))
+    assert sorted(got) == sorted(want)
+    tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+    assert set(keys) < set(tensors) and len(tensors) >= 2 * len(keys)  # the network inputs and the refine copies
+    for k in tensors:
+        assert got[k].shape == want[k].shape and torch.equal(got[k].as_tensor(), want[k].as_tensor()), k
+        assert torch.equal(got[k].affine, want[k].affine), k
 
 
 def test_load_volume_errors_name_the_file(tmp_path):

@@ -133,6 +133,69 @@ def test_the_inferer_applies_the_refiner_only_at_inference():
     assert calls[-1] == ((1, 1, 32, 32, 32), 0.5)
 
 
+class _StubRefiner(torch.nn.Module):
+    """A refiner whose answer depends only on its own item: it moves the start by 10 x the moving image's mean
+    (mm, along x), scores by it, and records the grids it was given."""
+
+    factors = (2, 1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grids: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def _moved(self, moving, fixed, start):
+        assert moving.shape[0] == fixed.shape[0] == start.shape[0] == 1  # one item at a time
+        self.grids.append((tuple(moving.shape[2:]), tuple(fixed.shape[2:])))
+        out = start.clone()
+        out[:, 0, 3] += 10.0 * moving.mean()
+        return out
+
+    def forward(self, moving, fixed, f2m, a_m, a_f):
+        return self._moved(moving, fixed, f2m)
+
+    def polish(self, moving, fixed, start, a_m, a_f, levels=slice(None)):
+        return self._moved(moving, fixed, start), -moving.mean().reshape(1)
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_a_batch_of_differently_gridded_pairs_is_refined_and_judged_item_by_item(pair, search):
+    """Refinement images given per item (lists: each pair keeps its own grid, as ``--batch_size`` > 1 gives them):
+    every item is refined, checked (the search's candidates) and judged on its own images, exactly as when it is
+    registered alone."""
+    torch.manual_seed(0)
+    model = KeyMorph(ConvNetDetector(num_keypoints=8, channels=(4, 8), pool_after=(0, 1))).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(2, 1, 16, 16, 16, generator=gen), torch.rand(2, 1, 16, 16, 16, generator=gen)
+    a = pair["affine"][None].float()
+    moving = [pair["moving"], pair["moving"][:, :, 4:-4, 2:] * 0.5]
+    fixed = [pair["fixed"], pair["fixed"][:, :, :, 6:-6]]
+    affines_m, affines_f = [a, a.clone()], [a, a.clone()]
+    affines_m[1][0, :3, 3] += a[0, :3, :3] @ torch.tensor([4.0, 2.0, 0.0])  # the crops' origins
+    affines_f[1][0, :3, 3] += a[0, :3, :3] @ torch.tensor([0.0, 0.0, 6.0])
+
+    def inferer(refiner):
+        return KeyMorphInferer(
+            orientation_search=search, refiner=refiner, search_candidates=2, inverse_consistency=True
+        )
+
+    with torch.no_grad():  # as an engine runs inference
+        together = _StubRefiner()
+        both = inferer(together)(x, model, y, refine_moving=moving, refine_fixed=fixed, refine_moving_affine=affines_m,
+                                 refine_fixed_affine=affines_f)  # fmt: skip
+        for i in range(2):
+            alone = _StubRefiner()
+            one = inferer(alone)(x[i : i + 1], model, y[i : i + 1], refine_moving=moving[i], refine_fixed=fixed[i],
+                                 refine_moving_affine=affines_m[i], refine_fixed_affine=affines_f[i])  # fmt: skip
+            torch.testing.assert_close(both.fixed_to_moving[i : i + 1], one.fixed_to_moving, atol=1e-4, rtol=0)
+            for key in ("nmi", "lncc", "keypoint_residual_mm", "inverse_consistency_mm"):
+                assert both.quality[i][key] == pytest.approx(one.quality[0][key], abs=1e-4), key
+            assert both.quality[i]["verdict"] == one.quality[0]["verdict"]
+            assert set(alone.grids) <= set(together.grids)
+        # the refiner saw each pair's own grids (and, registering the other way round, the swapped ones)
+        own = {(tuple(m.shape[2:]), tuple(f.shape[2:])) for m, f in zip(moving, fixed)}
+        assert own | {(f, m) for m, f in own} == set(together.grids)
+
+
 def test_preprocessing_adds_world_consistent_refinement_images(tmp_path):
     """refine_pixdim adds refine_<side> copies at the finer spacing; both grids keep the world: a bright blob lands on
     the same world point in the network input and in the refinement image, and the batch carries them to KeyMorph."""

@@ -28,7 +28,14 @@ from .heads import HeadSynthesizer
 from .pair_transforms import RandPaird, SynthPaird
 from .synth import CONTRAST_PRESETS, CONTRASTS, BrainSynthesizer, subject_seed
 from .template import BRAIN_CENTRE_MNI, TISSUES, cube_affine, load_tissue_template
-from .transforms import AbovePercentile, BrainMaskd, IsotropicSpacingd, preprocessing_transforms, refine_key
+from .transforms import (
+    AbovePercentile,
+    BrainMaskd,
+    ForegroundCropd,
+    IsotropicSpacingd,
+    preprocessing_transforms,
+    refine_key,
+)
 
 __all__ = [
     "cohort_images",
@@ -41,6 +48,7 @@ __all__ = [
     "FAILURE_KEY",
     "FAILURES_KEY",
     "FailSafeDataset",
+    "ForegroundCropd",
     "IsotropicSpacingd",
     "check_image_header",
     "check_image_headers",

@@ -190,7 +190,8 @@ class CheckWorldOverlapd(MapTransform):
     whose images are expected to be pre-aligned in world space.
 
     Args:
-        keys: exactly two image keys (loaded ``MetaTensor`` with affines, channel first).
+        keys: the image keys (loaded ``MetaTensor`` with affines, channel first): two, or one (nothing to compare:
+            the check passes, so one preprocessing list serves pairs and single scans).
         on_disjoint: ``"warn"`` (log a warning naming both files), ``"error"`` (``ValueError`` naming both files)
             or ``"ignore"``.
         allow_missing_keys: skip the check if a key is missing.
@@ -200,8 +201,8 @@ class CheckWorldOverlapd(MapTransform):
 
     def __init__(self, keys: KeysCollection, on_disjoint: str = "warn", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        if len(self.keys) != 2:
-            raise ValueError(f"CheckWorldOverlapd: expected two image keys, got {self.keys}.")
+        if len(self.keys) not in (1, 2):
+            raise ValueError(f"CheckWorldOverlapd: expected one or two image keys, got {self.keys}.")
         if on_disjoint not in self._MODES:
             raise ValueError(f"CheckWorldOverlapd: expected on_disjoint in {self._MODES}, got {on_disjoint!r}.")
         self.on_disjoint = on_disjoint

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from monai.data import Dataset, list_data_collate
 from monai.transforms import Compose
 
@@ -268,9 +269,23 @@ class FailSafeDataset(Dataset):
 def collate_pairs(batch: Sequence[Any]) -> dict[str, Any]:
     """``collate_fn`` for :class:`FailSafeDataset`: MONAI's ``list_data_collate`` of the items that loaded, with the
     failure records listed under ``FAILURES_KEY`` (always present, possibly empty). A batch in which every item failed
-    holds only that list."""
+    holds only that list.
+
+    Tensors that differ in shape from item to item (each image's refinement copy and brain mask keep their own grid)
+    cannot be stacked: such a key holds the list of the items' tensors (each ``(C, ...)`` with its own affine), so
+    pairs of any grids batch together; the network inputs (one cube) are stacked as usual. A key that only some
+    items have (a mask given for some pairs) holds the list of the items' values, ``None`` where absent."""
     failed = [dict(b) for b in batch if isinstance(b, Mapping) and FAILURE_KEY in b]
     good = [b for b in batch if not (isinstance(b, Mapping) and FAILURE_KEY in b)]
-    out: dict[str, Any] = dict(list_data_collate(good)) if good else {}
+    keys = {k for b in good for k in b}
+    ragged = {
+        k
+        for k in keys
+        if any(k not in b for b in good)
+        or (all(isinstance(b[k], torch.Tensor) for b in good) and len({tuple(b[k].shape) for b in good}) > 1)
+    }
+    stackable = [{k: v for k, v in b.items() if k not in ragged} for b in good]
+    out: dict[str, Any] = dict(list_data_collate(stackable)) if good else {}
+    out.update({k: [b.get(k) for b in good] for k in sorted(ragged, key=str)})
     out[FAILURES_KEY] = failed
     return out

@@ -25,6 +25,7 @@ from .checks import CheckLabelGridd, CheckWorldOverlapd, LoadVolumed
 
 __all__ = [
     "AbovePercentile",
+    "ForegroundCropd",
     "IsotropicSpacingd",
     "BrainMaskd",
     "brainmask_key",
@@ -308,9 +309,8 @@ def preprocessing_transforms(
         BrainMaskd(image_keys, brain_extractor, brain_margin_mm, allow_missing_keys=True),
         IsotropicSpacingd(keys, pixdim=pixdim, mode=modes, allow_missing_keys=True),
     ]
-    for key in image_keys:
-        crop_keys = [key] + [lab for lab, src in zip(label_keys, sources) if src == key]
-        out.append(_foreground_crop(crop_keys, key, lower_percentile))
+    followers = {key: [lab for lab, src in zip(label_keys, sources) if src == key] for key in image_keys}
+    out.append(ForegroundCropd(image_keys, lower_percentile, followers, allow_missing_keys=True))
     out += [
         ScaleIntensityRangePercentilesd(
             image_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
@@ -324,7 +324,7 @@ def preprocessing_transforms(
                 image_keys, pixdim=float(refine_pixdim), output_keys=refine_keys, allow_missing_keys=True
             ),
         ]
-        steps += [_foreground_crop([key], key, lower_percentile) for key in refine_keys]
+        steps.append(ForegroundCropd(refine_keys, lower_percentile, allow_missing_keys=True))
         steps.append(
             ScaleIntensityRangePercentilesd(
                 refine_keys, lower_percentile, upper_percentile, 0.0, 1.0, clip=True, allow_missing_keys=True
@@ -335,16 +335,49 @@ def preprocessing_transforms(
     return out
 
 
-def _foreground_crop(keys: list[str], source_key: str, lower_percentile: float) -> CropForegroundd:
-    """Crop ``keys`` to the box of ``source_key``'s voxels above its ``lower_percentile``."""
-    return CropForegroundd(
-        keys,
-        source_key=source_key,
-        select_fn=AbovePercentile(lower_percentile),
-        start_coord_key=None,
-        end_coord_key=None,
-        allow_missing_keys=True,
-    )
+class ForegroundCropd(MapTransform):
+    """Crop each image key to the box of its own foreground (voxels above its ``lower_percentile``: see
+    :class:`AbovePercentile`), and the keys that follow it (e.g. its label map) to the same box.
+
+    A ``MetaTensor``'s affine is updated by the crop (MONAI's ``CropForegroundd`` does each crop), so world
+    coordinates are kept.
+
+    Args:
+        keys: image keys, each cropped to its own foreground box.
+        lower_percentile: the foreground is above this percentile of the image (by more than 1e-4 of its range).
+        followers: ``{image key: keys cropped to that image's box}``, e.g. ``{"fixed_image": ["fixed_label"]}``.
+        allow_missing_keys: skip an image key the item lacks (with its followers).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        lower_percentile: float = 0.5,
+        followers: Mapping[str, Sequence[str]] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        followers = dict(followers or {})
+        self.crops = [
+            CropForegroundd(
+                [key, *followers.get(str(key), ())],
+                source_key=str(key),
+                select_fn=AbovePercentile(lower_percentile),
+                start_coord_key=None,
+                end_coord_key=None,
+                allow_missing_keys=True,
+            )
+            for key in self.keys
+        ]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, crop in zip(self.keys, self.crops):
+            if key in d:
+                d = crop(d)
+            elif not self.allow_missing_keys:
+                raise KeyError(f"ForegroundCropd: expected key {key!r} in the item, found {sorted(map(str, d))}.")
+        return d
 
 
 def refine_key(image_key: str) -> str:
