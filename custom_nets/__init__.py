@@ -24,7 +24,7 @@ from .options import parse_bool
 from .quality import QualityThresholds
 from .refine import AffineRefiner
 
-__version__ = "0.5.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "AffineRefiner",

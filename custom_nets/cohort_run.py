@@ -183,7 +183,7 @@ class CohortRun:
         self.output_dir, self.resume = Path(output_dir), bool(resume)
         self.pairs = [{**dict(p), PAIR_KEY: i} for i, p in enumerate(pairs)]
         if version is None:
-            from . import __version__ as version
+            from .version import __version__ as version
         self.settings = to_jsonable(dict(settings or {}))
         self.weights_sha256 = {
             Path(w).name: sha256_file(w) if Path(w).is_file() else "missing" for w in weights if w

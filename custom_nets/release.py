@@ -12,8 +12,8 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from .fileio import atomic_write, sha256_file
+from .version import __version__
 
 __all__ = ["write_large_files", "refresh_large_files", "listed_large_files", "pack_bundle", "BUNDLE_NAME"]
 
