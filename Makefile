@@ -106,7 +106,7 @@ bench-groupwise: install
 # Batch inference of a 200-pair synthetic cohort with 1 and 2 processes (torchrun), pairs per second and their ratio,
 # peak memory per process at 50 and 200 pairs; on GPUs also 1 against all of them. Prints figures; summary.json.
 bench-cohort: install
-	$(PY) benchmarks/bench_cohort.py main --num 200 --memory_counts 50,200 --nproc 2 --work_dir bench_cohort_out
+	$(PY) benchmarks/bench_cohort.py main --num 200 --memory_counts 50,200 --nproc 2 --batch_size 2 --work_dir bench_cohort_out
 
 # Refresh bundle/large_files.yml (SHA-256 of bundle/models/model.pt) and pack dist/<bundle>_v<version>.zip.
 release: install

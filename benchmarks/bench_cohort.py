@@ -146,7 +146,7 @@ def _displacement_mm(a: Path, b: Path) -> dict[str, float]:
 
 def main(
     num: int = 200,
-    memory_counts: str | tuple = "50,200",
+    memory_counts: str | int | tuple = "50,200",
     nproc: int = 2,
     batch_size: int = 2,
     refine: bool = True,
@@ -160,7 +160,9 @@ def main(
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    counts = [int(c) for c in (memory_counts.split(",") if isinstance(memory_counts, str) else memory_counts)]
+    if isinstance(memory_counts, str):
+        memory_counts = memory_counts.split(",")
+    counts = [int(c) for c in (memory_counts if isinstance(memory_counts, (list, tuple)) else [memory_counts])]
     extra = ["--refine", str(bool(refine)).lower(), "--num_workers", str(int(num_workers))]
     summary: dict[str, Any] = {"num": num, "refine": bool(refine), "num_workers": int(num_workers),
                                "cpu_count": os.cpu_count(), "runs": []}  # fmt: skip
