@@ -1,7 +1,7 @@
 """Memory of the bundle's inference: peak resident memory for a 1 mm 256^3 pair, and resident memory over many pairs.
 
     python benchmarks/bench_memory.py [--pairs 50 --size 256 --work_dir /tmp/bench_memory --orientation_search True
-                                       --png True --trim False]
+                                       --refine True --png True --trim False]
 
 Each workload runs in its own child process (``python benchmarks/bench_memory.py worker ...``) through exactly what
 ``python -m monai.bundle run inference --config_file configs/inference.json`` runs (a ``ConfigWorkflow`` of the
@@ -92,23 +92,23 @@ def _make_data(work: Path, size: int, pairs: int) -> tuple[Path, Path, Path]:
         for path, t in ((fixed_1mm, torch.eye(4, dtype=torch.float64)), (moving_1mm, motion)):
             out = resample(img.float(), t, (size,) * 3, a1, a2)[0, 0]
             save_nifti(out.numpy(), a1.numpy(), path)
-    images = []
-    synth = BrainSynthesizer(spatial_size=(97, 113, 97), pixdim=2.0)
-    for subject in range(5):
-        probs = synth.subject(100 + subject)
-        for contrast in ("t1", "t2"):
-            path = work / f"sub-{subject}_{contrast}.nii.gz"
-            if not path.is_file():
-                save_nifti(synth.image(probs, contrast, subject)[0].numpy(), synth.affine, path)
-            images.append(str(path))
+    images = [(subject, contrast) for subject in range(5) for contrast in ("t1", "t2")]
     rng = np.random.default_rng(0)
+    chosen = [rng.choice(len(images), size=2, replace=False) for _ in range(int(pairs))]
+    synth = BrainSynthesizer(spatial_size=(97, 113, 97), pixdim=2.0)
+    paths = []
+    for subject, contrast in images:
+        path = work / f"sub-{subject}_{contrast}.nii.gz"
+        paths.append(str(path))
+        needed = any(images.index((subject, contrast)) in pair for pair in chosen)
+        if needed and not path.is_file():  # only the images the pairs use
+            save_nifti(synth.image(synth.subject(100 + subject), contrast, subject)[0].numpy(), synth.affine, path)
     items = []
-    for i in range(int(pairs)):
-        f, m = rng.choice(len(images), size=2, replace=False)
+    for i, (f, m) in enumerate(chosen):
         moving = work / f"pair-{i:03d}.nii.gz"  # a distinct name per pair: outputs are named after the moving image
         if not moving.exists():
-            moving.symlink_to(images[m])
-        items.append({"fixed_image": images[f], "moving_image": str(moving)})
+            moving.symlink_to(paths[m])
+        items.append({"fixed_image": paths[f], "moving_image": str(moving)})
     pair_list.write_text(json.dumps({"test_pairs": items}))
     return fixed_1mm, moving_1mm, pair_list
 
@@ -194,6 +194,7 @@ def main(
     size: int = 256,
     work_dir: str | None = None,
     orientation_search: bool = True,
+    refine: bool = True,
     png: bool = True,
     trim: bool = False,
 ) -> None:
@@ -205,10 +206,11 @@ def main(
     script = str(Path(__file__).resolve())
     subprocess.run([sys.executable, script, "data", str(work), str(size), str(pairs)], check=True)
     fixed, moving, pair_list = work / "fixed_1mm.nii.gz", work / "moving_1mm.nii.gz", work / "pairs.json"
-    common = {"orientation_search": orientation_search, "write_png": png}
+    common = {"orientation_search": orientation_search, "refine": refine, "write_png": png}
 
     one = _run_worker(work / "out_1mm", moving=moving, fixed=fixed, **common)
-    print(f"1. one {size}^3 1 mm pair (search {orientation_search}, png {png}), full bundle inference path:")
+    settings = f"search {orientation_search}, refine {refine}, png {png}"
+    print(f"1. one {size}^3 1 mm pair ({settings}), full bundle inference path:")
     print(
         f"   peak RSS {one['peak_mb']:.0f} MB (imports and setup alone {one['after_setup_mb']:.0f} MB), "
         f"{one['seconds']:.1f} s"
@@ -219,7 +221,7 @@ def main(
     late = rss[min(4, len(rss) - 1) :]
     slope = float(np.polyfit(np.arange(late.size), late, 1)[0]) if late.size > 2 else float("nan")
     trimmed = ", RSS read after malloc_trim" if trim else ""
-    print(f"2. {len(rss)} consecutive pairs of 2 mm brains (search {orientation_search}, png {png}{trimmed}):")
+    print(f"2. {len(rss)} consecutive pairs of 2 mm brains ({settings}{trimmed}):")
     print(
         f"   RSS after pair 1 {rss[0]:.0f} MB, after the last {rss[-1]:.0f} MB, max {rss.max():.0f} MB, "
         f"peak {many['peak_mb']:.0f} MB"

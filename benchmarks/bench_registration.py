@@ -312,6 +312,17 @@ def score(pair: dict[str, Any], matrix: list | None) -> dict[str, float]:
     return {"error_mm": error, "dice": float(np.mean(dice))}
 
 
+def _median_mm(errors: list[float] | np.ndarray) -> float | None:
+    """Median error (mm) with failed pairs (NaN) counted as infinitely far; ``None`` when that median is infinite
+    (more than half failed): JSON has no infinity, and the table prints it as ``failed``."""
+    value = float(np.median(np.nan_to_num(np.asarray(errors, dtype=float), nan=np.inf)))
+    return value if np.isfinite(value) else None
+
+
+def _mm(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "failed"
+
+
 def _summarise(pairs: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> tuple[list[dict], dict[str, Any]]:
     rows = []
     by_id = {p["id"]: p for p in pairs}
@@ -330,22 +341,23 @@ def _summarise(pairs: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> 
         err = np.array([r["error_mm"] for r in mine])
         ok = np.nan_to_num(err, nan=np.inf) < SUCCESS_MM
         sec = float(np.median([r["seconds"] for r in mine]))
+        dice = [r["dice"] for r in mine if np.isfinite(r["dice"])]
         angles = {}
         for a in sorted({r["angle"] for r in mine}):
             e = np.array([r["error_mm"] for r in mine if r["angle"] == a])
             angles[str(int(a))] = {
-                "median_mm": float(np.median(np.nan_to_num(e, nan=np.inf))),
+                "median_mm": _median_mm(e),
                 "success": float(np.mean(np.nan_to_num(e, nan=np.inf) < SUCCESS_MM)),
                 "n": len(e),
             }
         sources = {}
         for src in sorted({r["source"] for r in mine}):
             e = np.nan_to_num(np.array([r["error_mm"] for r in mine if r["source"] == src]), nan=np.inf)
-            sources[src] = {"median_mm": float(np.median(e)), "success": float(np.mean(e < SUCCESS_MM)), "n": len(e)}
+            sources[src] = {"median_mm": _median_mm(e), "success": float(np.mean(e < SUCCESS_MM)), "n": len(e)}
         summary[method] = {
             "success": float(ok.mean()),
-            "median_mm": float(np.median(np.nan_to_num(err, nan=np.inf))),
-            "dice": float(np.nanmean([r["dice"] for r in mine])),
+            "median_mm": _median_mm(err),
+            "dice": float(np.mean(dice)) if dice else None,  # of the pairs that gave a matrix
             "seconds_per_pair": sec,
             "time_vs_ants": (sec / ants_s) if ants_s else None,
             "cpu_seconds_per_pair": cpu.get(method),
@@ -372,8 +384,9 @@ def _table(summary: dict[str, Any]) -> str:
         ratio = f"{s['time_vs_ants']:.2f}x" if s["time_vs_ants"] else "-"
         cpu = f"{s['cpu_seconds_per_pair']:.1f}" if s.get("cpu_seconds_per_pair") is not None else "-"
         cpu_ratio = f"{s['cpu_vs_ants']:.2f}x" if s.get("cpu_vs_ants") is not None else "-"
+        dice = f"{s['dice']:.3f}" if s["dice"] is not None else "-"
         lines.append(
-            f"| {m} | {100 * s['success']:.0f} % | {s['median_mm']:.2f} | {s['dice']:.3f} | "
+            f"| {m} | {100 * s['success']:.0f} % | {_mm(s['median_mm'])} | {dice} | "
             f"{s['seconds_per_pair']:.1f} | {ratio} | {cpu} | {cpu_ratio} | {s['peak_mb']:.0f} |"
         )
     lines += ["", "Median error (mm) / success by rotation angle (degrees):", ""]
@@ -381,7 +394,7 @@ def _table(summary: dict[str, Any]) -> str:
     lines.append("|---|" + "---|" * len(angles))
     for m in methods:
         cells = [
-            f"{summary[m]['by_angle'][a]['median_mm']:.2f} / {100 * summary[m]['by_angle'][a]['success']:.0f} %"
+            f"{_mm(summary[m]['by_angle'][a]['median_mm'])} / {100 * summary[m]['by_angle'][a]['success']:.0f} %"
             if a in summary[m]["by_angle"]
             else "-"
             for a in angles
@@ -393,7 +406,7 @@ def _table(summary: dict[str, Any]) -> str:
     lines.append("|---|" + "---|" * len(sources))
     for m in methods:
         by = summary[m]["by_source"]
-        cells = [f"{by[k]['median_mm']:.2f} / {100 * by[k]['success']:.0f} %" if k in by else "-" for k in sources]
+        cells = [f"{_mm(by[k]['median_mm'])} / {100 * by[k]['success']:.0f} %" if k in by else "-" for k in sources]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

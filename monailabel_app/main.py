@@ -31,6 +31,9 @@ Models served (``GET /info``):
 ``train_memory_gb``       address-space limit of a training process on the CPU, in GB (default: 75 % of the RAM)
 ========================  ===========================================================================================
 
+The ``monailabel`` launcher passes its arguments on unquoted: a value with a space is split and refused; start with
+``python -m monailabel.main start_server ...`` to keep it whole.
+
 Inference only reads images of the datastore (by id, or a file inside the studies folder or a MONAI Label session):
 a request naming any other file on the server is refused with HTTP 403, an unknown id with 404. Nothing is read,
 written or deleted outside the studies folder and the session folder: the datastore and the session store are the

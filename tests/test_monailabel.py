@@ -10,8 +10,9 @@ shipped weights and is then used by inference; and MONAI Label's stock ``monaibu
 local folder. The app's library (atlas, weights) is also tested directly, without a server.
 
 Speed: the server runs with ``--conf orientation_search false`` (the bundle's default is true: 24 detector passes,
-about 30 s per pair on 2 busy CPU cores instead of about 2 s). The demo subjects are posed within 10 degrees and the
-rotated test image by 45 degrees, inside the range the shipped detector handles without the search.
+about 9 s per request on 2 idle CPU cores instead of 5.5 s, and far more on cores the rest of the suite keeps busy).
+The demo subjects are posed within 10 degrees and the rotated test image by 45 degrees, inside the range the shipped
+detector handles without the search.
 """
 
 from __future__ import annotations
@@ -113,13 +114,20 @@ def multipart_body(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, 
 class Server:
     """``monailabel start_server`` as a subprocess in its own process group, on 127.0.0.1 and a free port."""
 
-    def __init__(self, venv: Path, app: Path, studies: Path, conf: dict[str, str], log: Path, cwd: Path) -> None:
+    def __init__(
+        self, venv: Path, app: Path, studies: Path, conf: dict[str, str], log: Path, cwd: Path, module: bool = False
+    ) -> None:
+        """``module``: start with ``python -m monailabel.main`` instead of the ``monailabel`` launcher (which splits
+        values at spaces)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.tmp = log.parent / f"{log.stem}_tmp"
         self.tmp.mkdir(exist_ok=True)
-        cmd = [str(venv / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies)]
+        launcher = (
+            [str(venv / "bin" / "python"), "-m", "monailabel.main"] if module else [str(venv / "bin" / "monailabel")]
+        )
+        cmd = [*launcher, "start_server", "--app", str(app), "--studies", str(studies)]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in conf.items():
             cmd += ["--conf", key, value]
@@ -251,9 +259,12 @@ def _dice(a: np.ndarray, b: np.ndarray, values=(1, 2, 3)) -> list[float]:
     return [float(2 * ((a == v) & (b == v)).sum() / max(1, (a == v).sum() + (b == v).sum())) for v in values]
 
 
-def _atlas_labels_through(model_dir: Path, like: nib.Nifti1Image, subject_to_atlas: np.ndarray) -> np.ndarray:
-    """The atlas labels resampled (nearest) onto the grid of ``like`` through a subject -> atlas world matrix."""
-    atlas = nib.load(str(model_dir / "atlas" / f"{ATLAS_STEM}_label.nii.gz"))
+def _atlas_labels_through(
+    model_dir: Path, like: nib.Nifti1Image, subject_to_atlas: np.ndarray, label_file: Path | None = None
+) -> np.ndarray:
+    """The atlas labels (``label_file``, default the MNI atlas the app wrote to ``model_dir``) resampled (nearest) onto
+    the grid of ``like`` through a subject -> atlas world matrix."""
+    atlas = nib.load(str(label_file or model_dir / "atlas" / f"{ATLAS_STEM}_label.nii.gz"))
     lab = torch.as_tensor(np.asarray(atlas.dataobj, dtype=np.float32))[None, None]
     out = resample(
         lab,
@@ -794,7 +805,7 @@ def test_no_client_value_reaches_a_child_process_or_the_weights(server, demo, wo
 
 
 def test_the_api_answers_while_inferences_run(server):
-    """Registrations run in a worker thread: ``/info/`` and ``/train/`` answer within 2 s while three queue."""
+    """Registrations run in a worker thread: ``/info/`` and ``/train/`` answer within 2 s while two queue."""
     import threading
 
     results: list[int] = []
@@ -802,7 +813,7 @@ def test_the_api_answers_while_inferences_run(server):
     def infer() -> None:
         results.append(_infer(server, "keymorph_align", "sub-00_T2", output="json")[0])
 
-    threads = [threading.Thread(target=infer) for _ in range(3)]
+    threads = [threading.Thread(target=infer) for _ in range(2)]
     for t in threads:
         t.start()
     time.sleep(1.0)
@@ -818,7 +829,7 @@ def test_the_api_answers_while_inferences_run(server):
     print(f"latencies while inferring: {[round(x, 3) for x in latencies]} s")
     assert busy, "the inferences ended before the API was asked: nothing was measured"
     assert max(latencies) < 2.0, latencies
-    assert results == [200, 200, 200]
+    assert results == [200, 200]
 
 
 def test_a_training_run_out_of_memory_says_so_in_the_train_status(venv, studies, work):
@@ -866,6 +877,8 @@ except MemoryError:
 
 
 def test_training_fine_tunes_from_the_shipped_weights(server, model_dir):
+    """A first run starts from the shipped weights and publishes its own; inference uses them; a second run goes on
+    from them, a third with ``restart_from_shipped`` starts from the shipped weights again."""
     status, task = http_json("POST", f"{server.url}/train/keymorph", {"max_epochs": 1, "epoch_length": 2})
     assert status == 200, task
     task = _wait_task(server.url, "/train/")
@@ -895,6 +908,104 @@ def test_training_fine_tunes_from_the_shipped_weights(server, model_dir):
     status, _, body = _infer(server, "keymorph_atlas_seg", SUBJECT, output="json")
     assert status == 200, body[:2000]
     assert json.loads(body)["weights"] == {"kind": "finetuned", "file": record["weights"], "sha256": record["sha256"]}
+    # the next run goes on from the fine-tuned weights; restart_from_shipped (as a client sends it: a string) starts
+    # again from the shipped ones
+    for options, init, init_sha in (
+        ({}, "finetuned", record["sha256"]),
+        ({"restart_from_shipped": "true"}, "shipped", shipped_sha),
+    ):
+        status, task = http_json(
+            "POST", f"{server.url}/train/keymorph", {"max_epochs": 1, "epoch_length": 1, **options}
+        )
+        assert status == 200, task
+        task = _wait_task(server.url, "/train/")
+        assert task["status"] == "DONE", "\n".join(task.get("details", [])) + "\n" + server.tail()
+        latest = json.loads((model_dir / "finetuned.json").read_text())
+        assert latest["weights"] != record["weights"] and latest["iterations"] == 1, latest
+        assert (latest["init_weights"], latest["init_sha256"]) == (init, init_sha), (options, latest)
+
+
+def test_a_user_atlas_the_shipped_weights_on_request_and_no_trainer(venv, registration_lib, demo, studies, work):
+    """``--conf atlas_image / atlas_label / atlas_labels / atlas_name``: a demo subject (its T1 and true tissue labels)
+    is the atlas instead of the MNI one; ``use_finetuned false``: inference keeps the shipped weights although the
+    model folder has published fine-tuned ones (a copy of the shipped file, published as fine-tuned: any use of it
+    shows in the answer's ``weights``); ``skip_trainers true``: no train task."""
+    atlas_id = "sub-00_T1"
+    atlas_image, atlas_label = demo / f"{atlas_id}.nii.gz", _label_of(demo, atlas_id)
+    model_dir = work / "model_user_atlas"
+    run = model_dir / "train" / "r0"
+    run.mkdir(parents=True)
+    shutil.copy(BUNDLE / "models" / "model.pt", run / "model.pt")
+    tuned = registration_lib.WeightStore(BUNDLE, model_dir).publish(run / "model.pt", {"iterations": 0})
+    conf = {
+        "model_dir": str(model_dir),
+        "orientation_search": "false",
+        "atlas_image": str(atlas_image),
+        "atlas_label": str(atlas_label),
+        "atlas_labels": "fluid, grey, white",
+        "atlas_name": "subject zero",
+        "use_finetuned": "false",
+        "skip_trainers": "true",
+    }
+    # values with spaces, through `python -m monailabel.main` (the README's way: the launcher would split them)
+    srv = Server(venv, APP, studies, conf, work / "server_user_atlas.log", work, module=True)
+    try:
+        srv.wait_ready()
+        status, info = http_json("GET", f"{srv.url}/info/")
+        assert status == 200
+        names = {"fluid": 1, "grey": 2, "white": 3}
+        grid = nib.load(str(atlas_image))
+        assert info["atlas"] == {
+            "name": "subject zero",
+            "labels": names,
+            "shape": list(grid.shape),
+            "spacing_mm": [2.0] * 3,
+        }
+        assert info["models"]["keymorph_atlas_seg"]["labels"] == names
+        assert info["trainers"] == {}, info["trainers"]
+        status, body = http_json("POST", f"{srv.url}/train/keymorph", {"max_epochs": 1}, timeout=30)
+        assert status == 404 and "no trainer 'keymorph'" in body["detail"], (status, body)
+        assert not (model_dir / "train").exists() or sorted(p.name for p in (model_dir / "train").iterdir()) == ["r0"]
+
+        # segmentation: the user atlas' labels and names, propagated into the subject; the shipped weights
+        status, headers, body = _infer(srv, "keymorph_atlas_seg", SUBJECT)
+        assert status == 200, body[:2000] + srv.tail().encode()
+        parts = multipart_parts(headers["content-type"], body)
+        result = json.loads(parts["params"])
+        shipped = registration_lib.WeightStore(BUNDLE, model_dir).shipped
+        assert result["weights"] == {"kind": "shipped", "file": "models/model.pt", "sha256": shipped.sha256}
+        assert tuned.kind == "finetuned"  # what use_finetuned true would have used (same digest, other record)
+        assert result["label_names"] == names and result["roles"] == {"fixed": "subject", "moving": "atlas"}
+        (work / "seg_user_atlas.nii.gz").write_bytes(parts["image"])
+        subject = nib.load(str(studies / f"{SUBJECT}.nii.gz"))
+        pred = np.asarray(nib.load(str(work / "seg_user_atlas.nii.gz")).dataobj)
+        truth = np.asarray(nib.load(str(_label_of(demo, SUBJECT))).dataobj)
+        # subject world -> template -> atlas subject's world: the true subject -> atlas matrix
+        subject_to_atlas = _truth_world_from_template(demo, atlas_id) @ np.linalg.inv(
+            _truth_world_from_template(demo, SUBJECT)
+        )
+        oracle = _atlas_labels_through(model_dir, subject, subject_to_atlas, atlas_label)
+        identity = _atlas_labels_through(model_dir, subject, np.eye(4), atlas_label)
+        dice, dice_oracle, dice_identity = (np.mean(_dice(x, truth)) for x in (pred, oracle, identity))
+        print(
+            f"user atlas {atlas_id} -> {SUBJECT}: tissue Dice {dice:.3f} "
+            f"(true transform {dice_oracle:.3f}, none {dice_identity:.3f})"
+        )
+        assert dice > dice_oracle - 0.1 and dice > dice_identity + 0.1, (dice, dice_oracle, dice_identity)
+
+        # alignment: the subject resampled onto the user atlas' grid, by a matrix near the truth
+        status, headers, body = _infer(srv, "keymorph_align", SUBJECT)
+        assert status == 200, body[:2000]
+        parts = multipart_parts(headers["content-type"], body)
+        (work / "aligned_user_atlas.nii.gz").write_bytes(parts["image"])
+        aligned = nib.load(str(work / "aligned_user_atlas.nii.gz"))
+        assert aligned.shape == grid.shape and np.allclose(aligned.affine, grid.affine)
+        f2m = np.asarray(json.loads(parts["params"])["fixed_to_moving_ras"])  # atlas points -> subject points
+        error = _mean_error_mm(_brain_points(atlas_label), f2m, np.linalg.inv(subject_to_atlas))
+        print(f"alignment of {SUBJECT} to the user atlas: transform error {error:.2f} mm")
+        assert error < 5.0, error
+    finally:
+        srv.stop()
 
 
 def test_stock_monaibundle_app_loads_the_bundle(venv, studies, work):

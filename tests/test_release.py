@@ -151,11 +151,13 @@ def test_the_release_zip_runs_after_download_without_the_package_installed(serve
     assert f"{package}/__init__.py" in names and f"{package}/data/transforms.py" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     python = _venv_without_the_package(tmp_path / "venv")
-    gone = subprocess.run([str(python), "-c", "import custom_nets"], capture_output=True, text=True, cwd=tmp_path)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("PYTHONPATH", None)  # (a suite run against another checkout through PYTHONPATH would leak it in)
+    gone = subprocess.run(
+        [str(python), "-c", "import custom_nets"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert gone.returncode != 0 and "No module named 'custom_nets'" in gone.stderr  # the premise of this test
     dest = tmp_path / "downloaded"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop("PYTHONPATH", None)
     got = subprocess.run(
         [str(python), "-m", "monai.bundle", "download", "--name", BUNDLE_NAME, "--url", f"{url}/{zip_path.name}",
          "--bundle_dir", str(dest)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
