@@ -158,6 +158,9 @@ def main(
     the module docs."""
     import torch
 
+    from custom_nets.options import parse_bool
+
+    refine = parse_bool(refine, "--refine")  # `--refine false` as people type it (fire passes the string)
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if isinstance(memory_counts, str):

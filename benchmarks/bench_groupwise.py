@@ -124,6 +124,9 @@ def main(
 ) -> dict:
     """Build the cohort, run the methods, print and write ``summary.json``. ``deform_mm=0``: one anatomy for every
     subject (exact relative truth)."""
+    from custom_nets.options import parse_bool
+
+    ants = parse_bool(ants, "--ants")  # `--ants false` as people type it (fire passes the string)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(THREADS))
     out = Path(out_dir)
     (out / "cohort").mkdir(parents=True, exist_ok=True)

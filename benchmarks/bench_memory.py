@@ -132,7 +132,10 @@ def worker(out_dir: str, trim: bool = False, **overrides: object) -> None:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
+    from custom_nets.options import parse_bool
+
     baseline = _rss_bytes()
+    trim = parse_bool(trim, "--trim")  # `--trim false` as people type it (fire passes the string)
     os.chdir(BUNDLE)
     workflow = ConfigWorkflow(
         config_file="configs/inference.json",
@@ -202,6 +205,9 @@ def main(
 
     ``trim``: in the many-pairs run, release the allocator's free memory after each pair before measuring (glibc
     ``malloc_trim``), so that the series shows memory in use rather than memory the allocator keeps for reuse."""
+    from custom_nets.options import parse_bool
+
+    trim = parse_bool(trim, "--trim")  # the bundle options below are parsed by the bundle config itself
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench_memory_"))
     script = str(Path(__file__).resolve())
     subprocess.run([sys.executable, script, "data", str(work), str(size), str(pairs)], check=True)

@@ -1161,6 +1161,10 @@ def main(
         inprocess_timing: also time the keymorph variants in process on ANTs' subset.
         reuse_pairs: keep the pairs already in ``out_dir`` if they were made with the same mode and seed.
     """
+    from custom_nets.options import parse_bool
+
+    inprocess_timing = parse_bool(inprocess_timing, "--inprocess_timing")  # fire passes `false` as a string
+    reuse_pairs = parse_bool(reuse_pairs, "--reuse_pairs")
     methods = tuple(methods.split(",")) if isinstance(methods, str) else tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:

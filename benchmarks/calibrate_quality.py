@@ -109,8 +109,11 @@ def main(
     import torch
 
     from custom_nets.fileio import write_csv, write_json
+    from custom_nets.options import parse_bool
     from custom_nets.quality import QualityThresholds, assess_registration, verdict
 
+    skull_strip = parse_bool(skull_strip, "--skull_strip")  # `--inference false` as people type it (fire passes
+    inference = parse_bool(inference, "--inference")  # the string, which is true)
     out = Path(out_dir)
     items = _pairs(int(pairs), out / "pairs", seed)
     km = _KeyMorph(refine=True, overrides={"skull_strip": skull_strip})

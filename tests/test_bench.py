@@ -158,10 +158,10 @@ def test_bench_memory_runs_the_bundle_and_reports_every_pair(tmp_path):
     work = tmp_path / "work"
     out = _run_script(
         "bench_memory.py", "--pairs", "2", "--size", "64", "--work_dir", str(work),
-        "--orientation_search", "false", "--refine", "false", "--png", "false",
+        "--orientation_search", "false", "--refine", "false", "--png", "false", "--trim", "false",
     )  # fmt: skip
     assert "1. one 64^3 1 mm pair (search false, refine false, png false)" in out, out
-    assert "2. 2 consecutive pairs of 2 mm brains" in out, out
+    assert "2. 2 consecutive pairs of 2 mm brains (search false, refine false, png false):" in out, out  # no trim
     peak_1, setup_1 = (
         float(x) for x in re.search(r"peak RSS (\d+) MB \(imports and setup alone (\d+) MB", out).groups()
     )
