@@ -90,6 +90,17 @@ def test_verdict_names_each_reason_and_thresholds_come_from_config():
     state, reasons = verdict({**good, "views": {"refinement_mm": 0.0}})
     assert state == "suspect" and "refinement kept the keypoint fit" in reasons[0]
     assert verdict({**good, "views": {"refinement_mm": 0.4}}) == ("ok", [])
+    # weak on both similarity measures, each within its own limit: the raw head the stress benchmark registered 92 mm
+    # off (NMI 1.0328, local NCC 0.175); weak on one only: the stress benchmark's correct noisy pairs (local NCC 0.19,
+    # NMI 1.29) and the calibration's correct inter-subject pairs (NMI 1.035, local NCC 0.298)
+    state, reasons = verdict({**good, "nmi": 1.0328, "lncc": 0.175})
+    assert state == "suspect" and reasons == [
+        "weak image similarity on both measures: nmi 1.03 < 1.06 and lncc 0.175 < 0.22 (each within its own limit; "
+        "correct results are weak on one at most)"
+    ], reasons
+    assert verdict({**good, "nmi": 1.29, "lncc": 0.19}) == ("ok", [])
+    assert verdict({**good, "nmi": 1.035, "lncc": 0.298}) == ("ok", [])
+    assert verdict({**good, "nmi": 1.0328, "lncc": 0.175}, QualityThresholds(joint_nmi=1.03))[0] == "ok"
     strict = QualityThresholds.from_mapping({"min_nmi": 1.5})
     assert verdict(good, strict)[0] == "suspect" and verdict(good)[0] == "ok"
     with pytest.raises(ValueError, match="min_nmi_typo"):
