@@ -95,13 +95,12 @@ def _make_data(work: Path, size: int, pairs: int) -> tuple[Path, Path, Path]:
     images = [(subject, contrast) for subject in range(5) for contrast in ("t1", "t2")]
     rng = np.random.default_rng(0)
     chosen = [rng.choice(len(images), size=2, replace=False) for _ in range(int(pairs))]
+    used = {int(i) for pair in chosen for i in pair}  # only the images the pairs use are written
     synth = BrainSynthesizer(spatial_size=(97, 113, 97), pixdim=2.0)
-    paths = []
-    for subject, contrast in images:
-        path = work / f"sub-{subject}_{contrast}.nii.gz"
-        paths.append(str(path))
-        needed = any(images.index((subject, contrast)) in pair for pair in chosen)
-        if needed and not path.is_file():  # only the images the pairs use
+    paths = [str(work / f"sub-{subject}_{contrast}.nii.gz") for subject, contrast in images]
+    for i in sorted(used):
+        (subject, contrast), path = images[i], Path(paths[i])
+        if not path.is_file():
             save_nifti(synth.image(synth.subject(100 + subject), contrast, subject)[0].numpy(), synth.affine, path)
     items = []
     for i, (f, m) in enumerate(chosen):

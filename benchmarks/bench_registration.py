@@ -319,6 +319,16 @@ def _median_mm(errors: list[float] | np.ndarray) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def _bin(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median error, success rate (< ``SUCCESS_MM``; a failed pair counts as a miss) and count of some rows."""
+    e = np.array([r["error_mm"] for r in rows], dtype=float)
+    return {
+        "median_mm": _median_mm(e),
+        "success": float(np.mean(np.nan_to_num(e, nan=np.inf) < SUCCESS_MM)),
+        "n": len(e),
+    }
+
+
 def _mm(value: float | None) -> str:
     return f"{value:.2f}" if value is not None else "failed"
 
@@ -342,18 +352,8 @@ def _summarise(pairs: list[dict[str, Any]], runs: dict[str, dict[str, Any]]) -> 
         ok = np.nan_to_num(err, nan=np.inf) < SUCCESS_MM
         sec = float(np.median([r["seconds"] for r in mine]))
         dice = [r["dice"] for r in mine if np.isfinite(r["dice"])]
-        angles = {}
-        for a in sorted({r["angle"] for r in mine}):
-            e = np.array([r["error_mm"] for r in mine if r["angle"] == a])
-            angles[str(int(a))] = {
-                "median_mm": _median_mm(e),
-                "success": float(np.mean(np.nan_to_num(e, nan=np.inf) < SUCCESS_MM)),
-                "n": len(e),
-            }
-        sources = {}
-        for src in sorted({r["source"] for r in mine}):
-            e = np.nan_to_num(np.array([r["error_mm"] for r in mine if r["source"] == src]), nan=np.inf)
-            sources[src] = {"median_mm": _median_mm(e), "success": float(np.mean(e < SUCCESS_MM)), "n": len(e)}
+        angles = {str(int(a)): _bin([r for r in mine if r["angle"] == a]) for a in sorted({r["angle"] for r in mine})}
+        sources = {s: _bin([r for r in mine if r["source"] == s]) for s in sorted({r["source"] for r in mine})}
         summary[method] = {
             "success": float(ok.mean()),
             "median_mm": _median_mm(err),
